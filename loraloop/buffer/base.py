@@ -1,0 +1,68 @@
+"""The feedback boundary: the request log (what was served) and the feedback buffer.
+
+Both have a Redis and an in-memory implementation, held to one contract suite.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+
+from loraloop.schemas import Example, ServedRequest
+
+
+class BufferError(RuntimeError):  # noqa: A001 - a loraloop error, not the builtin
+    """The backing store could not be reached."""
+
+
+class RequestLog(abc.ABC):
+    """Served requests by id, kept ``ttl_s`` seconds, for feedback to join against."""
+
+    @abc.abstractmethod
+    def record(self, served: list[ServedRequest]) -> None:
+        """Remember a batch of served requests (raises BufferError when the store is down)."""
+
+    @abc.abstractmethod
+    def get(self, request_id: str) -> ServedRequest | None:
+        """The served request, or None when unknown or expired."""
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A batch handed to one learner; it comes back unless acknowledged."""
+
+    claim_id: str
+    examples: list[Example] = field(default_factory=list)
+
+
+class FeedbackBuffer(abc.ABC):
+    """Bounded, deduplicated buffer of joined examples, with a replay reservoir.
+
+    ``append`` -> ``claim`` -> ``acknowledge``. A claim not acknowledged within
+    ``claim_idle_s`` (a learner killed mid-cycle) is handed out again by ``claim``.
+    Acknowledged examples feed the per-label replay reservoir.
+    """
+
+    @abc.abstractmethod
+    def append(self, example: Example) -> str:
+        """Add one example. Returns 'appended', 'duplicate' (event id seen) or 'full' (trim policy reject)."""
+
+    @abc.abstractmethod
+    def claim(self, consumer: str, max_items: int) -> Claim:
+        """Up to ``max_items`` unacknowledged examples (expired claims first)."""
+
+    @abc.abstractmethod
+    def acknowledge(self, claim: Claim) -> None:
+        """The cycle that used ``claim`` recorded its outcome: drop it, keep a replay sample."""
+
+    @abc.abstractmethod
+    def depth(self) -> int:
+        """Examples not yet acknowledged (claimed or not)."""
+
+    @abc.abstractmethod
+    def pending(self) -> int:
+        """Examples not yet claimed."""
+
+    @abc.abstractmethod
+    def replay_sample(self, n: int, seed: int) -> list[Example]:
+        """A per-label balanced sample of past (acknowledged) examples."""

