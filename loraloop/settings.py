@@ -160,3 +160,18 @@ def configure_logging(settings: Settings) -> None:
         level=os.environ.get("LORALOOP_LOG_LEVEL", settings.log_level),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+
+
+def settings_markdown() -> str:
+    """The README's settings table, generated from the fields above (a test keeps them equal)."""
+    lines = ["| setting | flag | environment variable | default | meaning |", "|---|---|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        default = field.default
+        shown = '""' if default == "" else ("(secret)" if isinstance(default, SecretStr) else f"`{default}`")
+        lines.append(f"| `{name}` | `--{name.replace('_', '-')}` | `LORALOOP_{name.upper()}` | {shown} | "
+                     f"{field.description} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":  # python -m loraloop.settings > settings.md
+    print(settings_markdown(), end="")

@@ -1,0 +1,1 @@
+"""``loraloop demo``: the whole continual-learning loop in one process."""
