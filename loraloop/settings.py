@@ -65,6 +65,7 @@ class Settings(BaseSettings):
     # --- redis (request log, feedback buffer, registry pointer) -------------------------
     redis_url: str = Field("", description="redis://host:port/db (empty: in-memory, one process only).")
     request_log_ttl_s: int = Field(86400, ge=1, description="How long a served request can be joined by feedback.")
+    redis_prefix: str = Field("loraloop", description="Prefix of every Redis key loraloop writes.")
 
     # --- registry ----------------------------------------------------------------------
     registry_url: str = Field("./loraloop-registry", description="Adapter registry root: local folder or fsspec URL.")

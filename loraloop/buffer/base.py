@@ -33,6 +33,7 @@ class Claim:
 
     claim_id: str
     examples: list[Example] = field(default_factory=list)
+    ids: tuple[str, ...] = ()  # backend ids of the claimed entries
 
 
 class FeedbackBuffer(abc.ABC):

@@ -1,0 +1,123 @@
+"""One contract for the feedback buffer and request log: in-memory and real Redis."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from loraloop.buffer.memory import MemoryFeedbackBuffer, MemoryRequestLog
+from loraloop.schemas import Example, ServedRequest
+
+
+def _example(i: int, label: str | None = "a", kind: str = "label") -> Example:
+    return Example(event_id=f"e{i}", request_id=f"r{i}", text=f"text {i}", kind=kind, label=label,
+                   negative_label="b" if label is None else None, served_label="b", adapter_version="v1")
+
+
+def _make(backend: str, request, ttl_s: int = 60, **kw):
+    args = dict(max_items=100, trim="reject", replay_per_label=3, claim_idle_s=30.0, dedup_ttl_s=60)
+    args.update(kw)
+    if backend == "memory":
+        return MemoryFeedbackBuffer(**args), MemoryRequestLog(ttl_s=ttl_s)
+    from loraloop.buffer.redis import RedisFeedbackBuffer, RedisRequestLog, connect
+
+    client = connect(request.getfixturevalue("redis_url"))
+    return (RedisFeedbackBuffer(client, "test", **args),
+            RedisRequestLog(client, "test", ttl_s))
+
+
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.integration)])
+def backend(request):
+    return request.param
+
+
+def test_append_claim_acknowledge(backend, request):
+    buffer, _ = _make(backend, request)
+    for i in range(5):
+        assert buffer.append(_example(i)) == "appended"
+    assert (buffer.depth(), buffer.pending()) == (5, 5)
+    claim = buffer.claim("learner-1", 3)
+    assert [e.event_id for e in claim.examples] == ["e0", "e1", "e2"]
+    assert (buffer.depth(), buffer.pending()) == (5, 2)
+    buffer.acknowledge(claim)
+    assert (buffer.depth(), buffer.pending()) == (2, 2)
+    assert [e.event_id for e in buffer.claim("learner-1", 10).examples] == ["e3", "e4"]
+
+
+def test_duplicate_event_ids_are_kept_once(backend, request):
+    buffer, _ = _make(backend, request)
+    assert buffer.append(_example(1)) == "appended"
+    assert buffer.append(_example(1)) == "duplicate"
+    assert buffer.depth() == 1
+
+
+def test_bounded_with_reject_and_drop_oldest(backend, request):
+    buffer, _ = _make(backend, request, max_items=3)
+    assert [buffer.append(_example(i)) for i in range(4)] == ["appended"] * 3 + ["full"]
+    assert buffer.depth() == 3
+    dropping, _ = _make(backend, request, max_items=3, trim="drop_oldest")
+    if backend == "redis":
+        dropping.prefix, dropping.stream = "test2", "test2:feedback:stream"
+    for i in range(10, 15):
+        assert dropping.append(_example(i)) == "appended"
+    assert dropping.depth() == 3
+    assert [e.event_id for e in dropping.claim("l", 10).examples] == ["e12", "e13", "e14"]
+
+
+def test_unacknowledged_claims_come_back(backend, request):
+    buffer, _ = _make(backend, request, claim_idle_s=0.3)
+    for i in range(3):
+        buffer.append(_example(i))
+    lost = buffer.claim("learner-killed", 10)
+    assert len(lost.examples) == 3
+    assert buffer.claim("learner-2", 10).examples == []  # still claimed
+    time.sleep(0.5)
+    again = buffer.claim("learner-2", 10)
+    assert sorted(e.event_id for e in again.examples) == ["e0", "e1", "e2"]
+    buffer.acknowledge(again)
+    assert buffer.depth() == 0
+
+
+def test_replay_reservoir_is_label_balanced_and_seeded(backend, request):
+    buffer, _ = _make(backend, request)
+    labels = ["a"] * 20 + ["b"] * 4 + ["c"] * 2
+    for i, label in enumerate(labels):
+        buffer.append(_example(i, label))
+    buffer.append(_example(99, None, kind="thumbs_down"))
+    buffer.acknowledge(buffer.claim("l", 100))
+    sample = buffer.replay_sample(6, seed=7)
+    assert sorted(e.label for e in sample) == ["a", "a", "b", "b", "c", "c"]  # 3 per label kept, balanced draw
+    assert [e.event_id for e in sample] == [e.event_id for e in buffer.replay_sample(6, seed=7)]
+    assert all(e.label is not None for e in buffer.replay_sample(100, seed=1))  # thumbs-down not replayed
+
+
+def test_request_log_round_trip_and_expiry(backend, request):
+    _, log = _make(backend, request, ttl_s=1)
+    served = ServedRequest(request_id="r1", text="hello", label="a", score=0.9, adapter_version="v1")
+    log.record([served])
+    assert log.get("r1") == served
+    assert log.get("nope") is None
+    time.sleep(2.1)
+    assert log.get("r1") is None
+
+
+@pytest.mark.integration
+def test_redis_restart_between_claim_and_acknowledge(redis_server, redis_url):
+    from loraloop.buffer.redis import RedisFeedbackBuffer, connect
+
+    buffer = RedisFeedbackBuffer(connect(redis_url), "restart", max_items=100, trim="reject", replay_per_label=5,
+                                 claim_idle_s=0.2, dedup_ttl_s=60)
+    for i in range(4):
+        buffer.append(_example(i))
+    claim = buffer.claim("l1", 10)
+    redis_server.restart()
+    buffer.acknowledge(claim)  # reconnects; the pending list survived the restart
+    assert buffer.depth() == 0
+    assert len(buffer.replay_sample(10, 0)) == 4
+    for i in range(4, 6):
+        buffer.append(_example(i))
+    lost = buffer.claim("l1", 10)
+    redis_server.restart()
+    time.sleep(0.3)
+    assert sorted(e.event_id for e in buffer.claim("l2", 10).examples) == sorted(e.event_id for e in lost.examples)
