@@ -78,6 +78,10 @@ class Settings(BaseSettings):
     claim_idle_s: float = Field(300.0, gt=0, description="A claim not acknowledged for this long is redelivered.")
     dedup_ttl_s: int = Field(7 * 86400, ge=1, description="How long an event id is remembered for deduplication.")
     feedback_http_port: int = Field(0, ge=0, description="Port of the HTTP feedback endpoint (0: off).")
+    allowed_labels: str = Field("", description="Comma-separated labels feedback may name (empty: any label of "
+                                "1-64 characters without control characters).")
+    feedback_grace_s: float = Field(10.0, ge=0, description="Feedback that arrives before its request is in the "
+                                    "request log is retried this long before it is dead-lettered.")
 
     # --- learner -----------------------------------------------------------------------
     cycle_interval_s: float = Field(600.0, gt=0, description="Start a learner cycle at least this often.")
@@ -104,6 +108,11 @@ class Settings(BaseSettings):
     guard_alpha: float = Field(0.01, gt=0, lt=1, description="Significance level of the guard's correctness test.")
     guard_max_p99_ratio: float = Field(1.5, gt=1, description="Largest p99 latency ratio new/old before rollback.")
     guard_low_confidence: float = Field(0.5, gt=0, lt=1, description="A prediction below this score counts as low-confidence.")
+    guard_max_low_confidence_increase: float = Field(0.2, gt=0, le=1, description="Largest rise in the share of "
+                                                     "low-confidence predictions new vs old before rollback.")
+    guard_max_dead_letter_increase: float = Field(0.05, gt=0, le=1, description="Largest rise in the dead-letter "
+                                                  "share of consumed requests new vs old before rollback.")
+    guard_poll_s: float = Field(5.0, gt=0, description="How often the guard reads its metric source.")
 
     log_level: str = Field("INFO", description="Python logging level.")
 

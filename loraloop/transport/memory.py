@@ -151,13 +151,21 @@ class MemoryConsumer(Consumer):
         self._broker = broker
         self._group = group_id
         self._member = f"member-{next(self._ids):06d}"
+        self._topics = list(topics)
         self._positions: dict[TopicPartition, int] = {}
         self._generation = -1
+        self._joined = False
+        self._next_first = 0  # partition that the next poll reads first, so that none starves
         self._closed = False
-        broker.join(group_id, self._member, topics)
 
     def _sync(self) -> None:
-        """After a rebalance, resume every owned partition from its committed offset."""
+        """Join at first use (like Kafka, at the first poll); after a rebalance, resume every
+        owned partition from its committed offset."""
+        if self._closed:
+            raise TransportError(f"consumer {self._member} of group {self._group} is closed")
+        if not self._joined:
+            self._broker.join(self._group, self._member, self._topics)
+            self._joined = True
         generation = self._broker.generation(self._group)
         if generation != self._generation:
             self._generation = generation
@@ -165,8 +173,6 @@ class MemoryConsumer(Consumer):
             self._positions = {tp: self._broker.committed(self._group, tp) for tp in owned}
 
     def poll(self, timeout_ms: int, max_records: int) -> list[Record]:
-        if self._closed:
-            raise TransportError("consumer is closed")
         deadline = time.monotonic() + timeout_ms / 1000
         with self._broker.cond:
             while True:
@@ -179,7 +185,12 @@ class MemoryConsumer(Consumer):
 
     def _take(self, max_records: int) -> list[Record]:
         out: list[Record] = []
-        for tp in sorted(self._positions):
+        owned = sorted(self._positions)
+        if owned:
+            start = self._next_first % len(owned)
+            owned = owned[start:] + owned[:start]
+            self._next_first += 1
+        for tp in owned:
             if len(out) >= max_records:
                 break
             batch = self._broker.read(tp, self._positions[tp], max_records - len(out))
@@ -189,7 +200,9 @@ class MemoryConsumer(Consumer):
         return out
 
     def commit(self, offsets: dict[TopicPartition, int]) -> None:
-        if offsets:
+        if self._closed:
+            raise TransportError(f"consumer {self._member} of group {self._group} is closed")
+        if offsets:  # checked against the broker's assignment: a rebalance refuses it at once
             self._broker.commit(self._group, self._member, offsets)
 
     def assignment(self) -> set[TopicPartition]:
@@ -206,7 +219,8 @@ class MemoryConsumer(Consumer):
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self._broker.leave(self._group, self._member)
+            if self._joined:
+                self._broker.leave(self._group, self._member)
 
 
 class MemoryTransport(Transport):
