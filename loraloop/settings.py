@@ -86,13 +86,19 @@ class Settings(BaseSettings):
     # --- learner -----------------------------------------------------------------------
     cycle_interval_s: float = Field(600.0, gt=0, description="Start a learner cycle at least this often.")
     cycle_min_feedback: int = Field(200, ge=1, description="Start a cycle once this many new examples are buffered.")
+    cycle_max_feedback: int = Field(5000, ge=1, description="Most new examples one cycle claims from the buffer.")
     lora_r: int = Field(8, ge=1, description="LoRA rank.")
     lora_alpha: int = Field(16, ge=1, description="LoRA alpha.")
     lora_dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout.")
     lora_target_modules: str = Field("query,value", description="Comma-separated module names that get LoRA.")
     learning_rate: float = Field(1e-3, gt=0, description="AdamW learning rate of the LoRA weights.")
-    head_learning_rate: float = Field(5e-3, gt=0, description="AdamW learning rate of the classification head.")
-    epochs: int = Field(3, ge=1, description="Epochs per cycle.")
+    head_learning_rate: float = Field(2e-4, gt=0, description="AdamW learning rate of the head while fine-tuning "
+                                      "(small: the head is first fitted by logistic regression on embeddings).")
+    epochs: int = Field(2, ge=0, description="LoRA fine-tuning epochs per cycle (0: head fit only).")
+    learner_mode: str = Field("lora", description="lora (fit the head, then fine-tune LoRA + head) or head_only "
+                              "(encoder frozen, only the head refitted: the cheap baseline).")
+    gate_enabled: bool = Field(True, description="Promote only candidates that pass the gate (off: promote every "
+                               "candidate, for the naive baseline).")
     batch_size: int = Field(32, ge=1, description="Training batch size.")
     replay_ratio: float = Field(1.0, ge=0, description="Replay examples drawn per new example.")
     holdout_fraction: float = Field(0.2, gt=0, lt=1, description="Most recent share of new feedback kept for evaluation.")
@@ -121,6 +127,13 @@ class Settings(BaseSettings):
     def _check_transport(cls, value: str) -> str:
         if value not in {"memory", "kafka"}:
             raise ValueError(f"transport must be 'memory' or 'kafka', got {value!r}")
+        return value
+
+    @field_validator("learner_mode")
+    @classmethod
+    def _check_learner_mode(cls, value: str) -> str:
+        if value not in {"lora", "head_only"}:
+            raise ValueError(f"learner_mode must be 'lora' or 'head_only', got {value!r}")
         return value
 
     @field_validator("buffer_trim")

@@ -65,5 +65,9 @@ class FeedbackBuffer(abc.ABC):
         """Examples not yet claimed."""
 
     @abc.abstractmethod
+    def remember(self, examples: list[Example]) -> None:
+        """Put examples straight into the replay reservoir (the bootstrap training set)."""
+
+    @abc.abstractmethod
     def replay_sample(self, n: int, seed: int) -> list[Example]:
         """A per-label balanced sample of past (acknowledged) examples."""

@@ -95,6 +95,11 @@ class MemoryFeedbackBuffer(FeedbackBuffer):
         with self._lock:
             return len(self._queue)
 
+    def remember(self, examples: list[Example]) -> None:
+        with self._lock:
+            for example in examples:
+                self._reservoir.offer(example)
+
     def replay_sample(self, n: int, seed: int) -> list[Example]:
         with self._lock:
             return self._reservoir.sample(n, seed)

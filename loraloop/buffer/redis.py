@@ -153,6 +153,11 @@ class RedisFeedbackBuffer(FeedbackBuffer):
         claimed = self.client.xpending(self.stream, GROUP)["pending"]
         return max(0, int(self.client.xlen(self.stream)) - int(claimed))
 
+    @_wrap("replay remember")
+    def remember(self, examples: list[Example]) -> None:
+        for example in examples:
+            self._offer(example)
+
     @_wrap("replay sample")
     def replay_sample(self, n: int, seed: int) -> list[Example]:
         labels = sorted(x.decode() for x in self.client.smembers(f"{self.prefix}:replay:labels"))

@@ -92,6 +92,13 @@ def test_replay_reservoir_is_label_balanced_and_seeded(backend, request):
     assert all(e.label is not None for e in buffer.replay_sample(100, seed=1))  # thumbs-down not replayed
 
 
+def test_remember_seeds_the_reservoir_without_queueing(backend, request):
+    buffer, _ = _make(backend, request)
+    buffer.remember([_example(i, "ab"[i % 2]) for i in range(6)] + [_example(50, None, kind="thumbs_down")])
+    assert buffer.depth() == 0 and buffer.pending() == 0
+    assert sorted(e.label for e in buffer.replay_sample(4, seed=0)) == ["a", "a", "b", "b"]
+
+
 def test_request_log_round_trip_and_expiry(backend, request):
     _, log = _make(backend, request, ttl_s=1)
     served = ServedRequest(request_id="r1", text="hello", label="a", score=0.9, adapter_version="v1")

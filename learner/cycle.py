@@ -1,0 +1,316 @@
+"""The learner: claim feedback, train a candidate, gate it, publish, acknowledge.
+
+One cycle, in order (the order is what makes it safe to kill at any point):
+
+1. **claim** up to ``cycle_max_feedback`` new examples from the buffer;
+2. **build** the training set: resolved feedback + a replay sample, holdouts set aside;
+3. **train** a candidate starting from the active version (head fit, then LoRA);
+4. **evaluate** candidate and active on the holdout, the golden set and known labels;
+5. **publish** the candidate and **promote** it if the gate passes (a rejected candidate
+   is published too, marked rejected with the gate's reason, for the audit trail);
+6. **record** the outcome in the registry, and only then **acknowledge** the claim.
+
+A learner killed before step 6 leaves the registry's active pointer unchanged and its
+claim unacknowledged: the buffer hands the same examples out again after ``claim_idle_s``.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from loraloop.buffer import FeedbackBuffer, make_feedback_buffer
+from loraloop.buffer.base import BufferError
+from loraloop.metrics import Metrics
+from loraloop.model import LabelMap
+from loraloop.registry import AdapterRegistry, make_registry
+from loraloop.schemas import Example
+from loraloop.settings import Settings
+
+from learner.dataset import Labelled, TrainingSet, build_training_set, replay_size
+from learner.gate import GateDecision, Scores, decide
+from learner.train import Trainer, seed_everything
+from learner.trigger import OpsTriggers, due
+
+logger = logging.getLogger(__name__)
+
+LOOP_TICK_S = 0.5
+REPLAY_PER_LABEL_FLOOR = 4  # replay at least this many examples per known label, so no label is absent
+
+
+@dataclass
+class CycleOutcome:
+    """What one cycle did; written to the registry (``cycles/``) and the log."""
+
+    trigger: str
+    outcome: str  # promoted, rejected, empty, failed
+    reason: str = ""
+    version: str | None = None
+    parent: str | None = None
+    examples: int = 0
+    train_rows: int = 0
+    replay_rows: int = 0
+    negatives: int = 0
+    labels: int = 0
+    new_labels: list[str] = field(default_factory=list)
+    candidate: dict = field(default_factory=dict)
+    active: dict = field(default_factory=dict)
+    train_loss: float | None = None
+    window: tuple[float, float] = (0.0, 0.0)
+    timings: dict = field(default_factory=dict)
+    started_at: float = 0.0
+    duration_s: float = 0.0
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items()}
+
+
+class Learner:
+    """Runs cycles on triggers; also trains the first adapter (:meth:`bootstrap`)."""
+
+    def __init__(self, settings: Settings, *, registry: AdapterRegistry, buffer: FeedbackBuffer,
+                 metrics: Metrics | None = None, trainer: Trainer | None = None, show_progress: bool = True) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.buffer = buffer
+        self.metrics = metrics or Metrics()
+        self.trainer = trainer or Trainer(settings, show_progress=show_progress)
+        self.triggers = OpsTriggers(settings.registry_url)
+        self.consumer_name = f"learner-{socket.gethostname()}-{id(self):x}"
+        self._workdir = Path(tempfile.mkdtemp(prefix="loraloop-learner-"))
+        self._requested = threading.Event()
+        self._cycle_no = 0
+        self._golden = _read_golden(settings.golden_path) if settings.golden_path else []
+        self.last_outcome: CycleOutcome | None = None
+
+    # --- triggers and loop -------------------------------------------------------------
+    def request_cycle(self) -> None:
+        """Start a cycle at the next tick (in-process ops trigger)."""
+        self._requested.set()
+
+    def run(self, stop: threading.Event) -> None:
+        """Run cycles when due until ``stop`` is set; a failing cycle is logged and retried later."""
+        last = time.monotonic()
+        while not stop.is_set():
+            ops = self._requested.is_set() or bool(self._take_ops())
+            try:
+                pending = self.buffer.pending()
+            except BufferError as e:
+                logger.warning("buffer unreachable, learner waits: %s", e)
+                stop.wait(5.0)
+                continue
+            self.metrics.buffer_depth.set(pending)
+            trigger = due(time.monotonic(), last, pending, ops, self.settings.cycle_interval_s,
+                          self.settings.cycle_min_feedback)
+            if trigger is None:
+                stop.wait(LOOP_TICK_S)
+                continue
+            self._requested.clear()
+            self.run_cycle(trigger)
+            last = time.monotonic()
+
+    def _take_ops(self) -> list[dict]:
+        try:
+            return self.triggers.take()
+        except OSError as e:
+            logger.warning("cannot read retrain requests: %s", e)
+            return []
+
+    # --- one cycle ---------------------------------------------------------------------
+    def run_cycle(self, trigger: str = "ops") -> CycleOutcome:
+        """One full cycle; never raises (a failure is an outcome, the claim comes back later)."""
+        started = time.monotonic()
+        outcome = CycleOutcome(trigger=trigger, outcome="failed", started_at=time.time())
+        try:
+            self._cycle(outcome)
+        except Exception as e:  # a cycle must not kill the learner: report, keep the claim unacknowledged
+            logger.exception("learner cycle failed")
+            outcome.outcome, outcome.reason = "failed", f"{type(e).__name__}: {e}"
+        outcome.duration_s = round(time.monotonic() - started, 3)
+        self._observe(outcome)
+        self.last_outcome = outcome
+        return outcome
+
+    def _cycle(self, outcome: CycleOutcome) -> None:
+        t = _Timer()
+        claim = self.buffer.claim(self.consumer_name, self.settings.cycle_max_feedback)
+        t.lap("claim")
+        self.metrics.buffer_claimed.inc(len(claim.examples))
+        if not claim.examples:
+            outcome.outcome, outcome.reason = "empty", "no new feedback"
+            if outcome.trigger == "ops":  # ops asked: answer in the registry (`loraloop retrain --wait` reads it)
+                self.registry.record_cycle(outcome.as_dict())
+            logger.info("learner cycle (%s): nothing new, no training", outcome.trigger)
+            return
+        self._cycle_no += 1
+        seed = self.settings.seed + self._cycle_no
+        seed_everything(seed)
+        pointer = self.registry.active()
+        active_dir = self._fetch(pointer.version) if pointer.version else None
+        active_map = LabelMap.load(active_dir) if active_dir else LabelMap(())
+        data = self._training_set(claim.examples, active_map, seed)
+        label_map, dropped = _extend(active_map, data.labels, self.settings.label_capacity)
+        data = _without_labels(data, set(dropped))
+        outcome.examples, outcome.train_rows = len(claim.examples), len(data.train)
+        outcome.replay_rows, outcome.negatives, outcome.window = data.replay_rows, len(data.negatives), data.window
+        outcome.labels, outcome.new_labels = len(label_map), [x for x in label_map.labels if x not in active_map.labels]
+        t.lap("build")
+        candidate, report = self._train(active_dir, label_map, data)
+        outcome.train_loss = report.final_loss
+        t.lap("train")
+        cand_scores = self._scores(candidate, label_map, data, active_map)
+        act_scores = self._scores(self.trainer.model_for(active_dir, trainable=False), active_map, data, active_map) \
+            if active_dir else None
+        outcome.candidate, outcome.active = cand_scores.as_dict(), (act_scores.as_dict() if act_scores else {})
+        t.lap("evaluate")
+        decision = decide(cand_scores, act_scores, self.settings.gate_tolerance) if self.settings.gate_enabled \
+            else GateDecision(True, "gate disabled")
+        self._publish(candidate, label_map, pointer.version, decision, outcome)
+        t.lap("publish")
+        outcome.timings = t.laps
+        self.registry.record_cycle(outcome.as_dict())
+        self.buffer.acknowledge(claim)
+        self.metrics.buffer_acknowledged.inc(len(claim.examples))
+
+    def _training_set(self, examples: list[Example], active_map: LabelMap, seed: int) -> TrainingSet:
+        s = self.settings
+        n_replay = replay_size(len(examples), s.replay_ratio, REPLAY_PER_LABEL_FLOOR * len(active_map)) \
+            if s.replay_ratio > 0 else 0
+        replay = self.buffer.replay_sample(n_replay, seed) if n_replay else []
+        return build_training_set(examples, replay, s.holdout_fraction, seed)
+
+    def _train(self, active_dir: Path | None, label_map: LabelMap, data: TrainingSet):
+        model = self.trainer.model_for(active_dir, trainable=True)
+        self.trainer.fit_head(model, label_map, data.train)
+        epochs = self.settings.epochs if self.settings.learner_mode == "lora" else 0
+        report = self.trainer.finetune(model, label_map, data.train, data.negatives, epochs,
+                                       desc=f"cycle {self._cycle_no}")
+        return model, report
+
+    def _scores(self, model, label_map: LabelMap, data: TrainingSet, active_map: LabelMap) -> Scores:
+        known = data.replay_holdout + [r for r in data.holdout if r.label in active_map.labels]
+        acc = self.trainer.accuracy
+        return Scores(holdout=acc(model, label_map, data.holdout), known=acc(model, label_map, known),
+                      golden=acc(model, label_map, self._golden), n_holdout=len(data.holdout), n_known=len(known))
+
+    def _publish(self, model, label_map: LabelMap, parent: str | None, decision: GateDecision,
+                 outcome: CycleOutcome) -> None:
+        folder = self.trainer.save(model, label_map, self._workdir / f"candidate-{self._cycle_no}")
+        meta = {"trigger": outcome.trigger, "data_window": outcome.window, "examples": outcome.examples,
+                "evaluation": {"candidate": outcome.candidate, "active": outcome.active},
+                "train_loss": outcome.train_loss, "labels": len(label_map), "gate": decision.reason}
+        version = self.registry.publish(folder, parent=parent, metadata=meta)
+        shutil.rmtree(folder, ignore_errors=True)
+        outcome.version, outcome.parent, outcome.reason = version, parent, decision.reason
+        if decision.promote:
+            self.registry.promote(version, reason=f"learner ({outcome.trigger}): {decision.reason}")
+            outcome.outcome = "promoted"
+            self.metrics.promotions.labels(reason="learner").inc()
+            logger.info("promoted %s: %s", version, decision.reason)
+        else:
+            self.registry.mark_rejected(version, {"gate": decision.reason, **outcome.candidate})
+            outcome.outcome = "rejected"
+            logger.warning("rejected candidate %s: %s", version, decision.reason)
+
+    def _observe(self, outcome: CycleOutcome) -> None:
+        m = self.metrics
+        m.learner_cycles.labels(trigger=outcome.trigger, outcome=outcome.outcome).inc()
+        m.learner_cycle_seconds.observe(outcome.duration_s)
+        m.learner_last_cycle_timestamp.set(time.time())
+        if outcome.train_loss is not None and outcome.train_loss == outcome.train_loss:
+            m.train_loss.set(outcome.train_loss)
+        for role, scores in (("candidate", outcome.candidate), ("active", outcome.active)):
+            for dataset in ("holdout", "golden", "known"):
+                if scores.get(dataset) is not None:
+                    m.eval_accuracy.labels(dataset=dataset, role=role).set(scores[dataset])
+        if outcome.outcome != "empty":
+            logger.info("learner cycle (%s): %s %s in %.1fs - %s", outcome.trigger, outcome.outcome,
+                        outcome.version or "", outcome.duration_s, outcome.reason)
+
+    # --- bootstrap and evaluation --------------------------------------------------------
+    def bootstrap(self, texts: list[str], labels: list[str], reason: str = "bootstrap") -> str:
+        """Train, publish and promote a first adapter on a labelled set; its rows seed the replay reservoir."""
+        if len(texts) != len(labels) or not texts:
+            raise ValueError(f"bootstrap needs as many labels as texts (got {len(texts)} and {len(labels)})")
+        seed_everything(self.settings.seed)
+        rows = [Labelled(t, y) for t, y in zip(texts, labels, strict=True)]
+        label_map = LabelMap(tuple(dict.fromkeys(sorted(labels))))
+        if len(label_map) > self.settings.label_capacity:
+            raise ValueError(f"{len(label_map)} labels exceed label_capacity {self.settings.label_capacity}")
+        data = TrainingSet(train=rows)
+        model, report = self._train(None, label_map, data)
+        folder = self.trainer.save(model, label_map, self._workdir / "bootstrap")
+        version = self.registry.publish(folder, metadata={"trigger": reason, "examples": len(rows),
+                                                          "train_loss": report.final_loss, "labels": len(label_map)})
+        self.registry.promote(version, reason=reason)
+        self.buffer.remember([Example(event_id=f"bootstrap-{i}", request_id=f"bootstrap-{i}", text=r.text,
+                                      kind="label", label=r.label, served_label=r.label, adapter_version=version)
+                              for i, r in enumerate(rows)])
+        self.metrics.promotions.labels(reason=reason).inc()
+        return version
+
+    def evaluate(self, version: str, texts: list[str], labels: list[str]) -> float:
+        """Accuracy of a registry version on a labelled set."""
+        folder = self._fetch(version)
+        model = self.trainer.model_for(folder, trainable=False)
+        rows = [Labelled(t, y) for t, y in zip(texts, labels, strict=True)]
+        return self.trainer.accuracy(model, LabelMap.load(folder), rows) or 0.0
+
+    def _fetch(self, version: str) -> Path:
+        return self.registry.fetch(version, self._workdir / "versions")  # verified; reused when already local
+
+    def close(self) -> None:
+        shutil.rmtree(self._workdir, ignore_errors=True)
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = round(now - self._last, 3)
+        self._last = now
+
+
+def _extend(active: LabelMap, labels: list[str], capacity: int) -> tuple[LabelMap, list[str]]:
+    """The active map plus new labels, up to the head's capacity; returns the labels that did not fit."""
+    new = [x for x in labels if x not in active.labels]
+    room = max(0, capacity - len(active))
+    if len(new) > room:
+        logger.error("label capacity %d reached: %d new labels not learned (%s...)", capacity, len(new) - room,
+                     new[room:room + 3])
+    return active.extended(new[:room]), new[room:]
+
+
+def _without_labels(data: TrainingSet, dropped: set[str]) -> TrainingSet:
+    if not dropped:
+        return data
+    keep = lambda rows: [r for r in rows if r.label not in dropped]  # noqa: E731
+    data.train, data.holdout, data.negatives = keep(data.train), keep(data.holdout), keep(data.negatives)
+    data.replay_holdout = keep(data.replay_holdout)
+    return data
+
+
+def _read_golden(path: str) -> list[Labelled]:
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or not {"text", "label"} <= set(reader.fieldnames):
+            raise ValueError(f"golden set {path}: expected columns text,label, got {reader.fieldnames}")
+        return [Labelled(row["text"], row["label"]) for row in reader if row["text"] and row["label"]]
+
+
+def build_learner(settings: Settings, *, registry: AdapterRegistry | None = None,
+                  buffer: FeedbackBuffer | None = None, metrics: Metrics | None = None,
+                  show_progress: bool = True) -> Learner:
+    """A learner on the configured registry and buffer (entry point ``loraloop.components: learner``)."""
+    return Learner(settings, registry=registry or make_registry(settings),
+                   buffer=buffer or make_feedback_buffer(settings), metrics=metrics, show_progress=show_progress)

@@ -1,0 +1,141 @@
+"""Turning claimed feedback into a training set: pure, seeded, no I/O.
+
+Order of work in a cycle (river's predict-then-learn): the buffer's new examples are
+**resolved** per request (one verdict per request, see :func:`resolve`), the most recent
+slice is kept aside as the **holdout**, a **replay** sample of past examples is mixed in
+against forgetting, and a slice of the replay sample is kept aside too, so the gate can
+measure forgetting on labels the active version already knew with data it never trained on.
+
+Thumbs-down events carry no correct label; they become :class:`Negative` rows (this
+text is *not* the served label) used by the trainer's unlikelihood term.
+
+Example:
+    >>> from loraloop.schemas import Example
+    >>> def ex(i, req, label, kind="label"):
+    ...     return Example(event_id=str(i), request_id=req, text=f"t{req}", kind=kind, label=label,
+    ...                    served_label="a", adapter_version="v1", ts=float(i))
+    >>> rows, stats = resolve([ex(1, "r1", "b"), ex(2, "r1", "b"), ex(3, "r1", "c"), ex(4, "r2", "a")])
+    >>> [(r.text, r.label) for r in rows], stats.conflicts_resolved
+    ([('tr1', 'b'), ('tr2', 'a')], 1)
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+
+from loraloop.schemas import Example
+
+
+@dataclass(frozen=True)
+class Labelled:
+    """One training or evaluation row: a text and its correct label."""
+
+    text: str
+    label: str
+    ts: float = 0.0
+
+
+@dataclass(frozen=True)
+class Negative:
+    """A text users said is *not* ``label`` (a thumbs-down on the served label)."""
+
+    text: str
+    label: str
+    ts: float = 0.0
+
+
+@dataclass
+class ResolveStats:
+    requests: int = 0
+    conflicts_resolved: int = 0  # several labels for one request, a majority won
+    ambiguous_dropped: int = 0  # several labels, no majority: the request teaches nothing
+    negatives: int = 0
+
+
+@dataclass
+class TrainingSet:
+    """What one cycle trains and evaluates on."""
+
+    train: list[Labelled] = field(default_factory=list)
+    negatives: list[Negative] = field(default_factory=list)
+    holdout: list[Labelled] = field(default_factory=list)  # recent new feedback, never trained on
+    replay_holdout: list[Labelled] = field(default_factory=list)  # past examples, never trained on this cycle
+    new_rows: int = 0
+    replay_rows: int = 0
+    stats: ResolveStats = field(default_factory=ResolveStats)
+    window: tuple[float, float] = (0.0, 0.0)  # ts of the oldest and newest new example
+
+    @property
+    def labels(self) -> list[str]:
+        """Labels with a positive example, in first-seen order."""
+        seen: dict[str, None] = {}
+        for row in self.train + self.holdout:
+            seen.setdefault(row.label, None)
+        return list(seen)
+
+
+def resolve(examples: list[Example]) -> tuple[list[Labelled | Negative], ResolveStats]:
+    """One verdict per request: the majority of its label events (thumbs-up counts for the served label).
+
+    A request with a tie between labels is dropped as ambiguous (a burst of contradictory
+    labels must not teach either). A request with only thumbs-down becomes a
+    :class:`Negative` of the served label; thumbs-down next to a label event is superseded
+    by the label. Rows come out in order of each request's latest event.
+    """
+    by_request: dict[str, list[Example]] = defaultdict(list)
+    for example in examples:
+        by_request[example.request_id].append(example)
+    stats = ResolveStats(requests=len(by_request))
+    rows: list[tuple[float, Labelled | Negative]] = []
+    for events in by_request.values():
+        latest = max(e.ts for e in events)
+        text = events[-1].text
+        votes = Counter(e.label for e in events if e.label is not None)
+        if not votes:
+            stats.negatives += 1
+            rows.append((latest, Negative(text, events[-1].negative_label or events[-1].served_label, latest)))
+            continue
+        ranked = votes.most_common()
+        if len(ranked) > 1 and ranked[0][1] == ranked[1][1]:
+            stats.ambiguous_dropped += 1
+            continue
+        if len(ranked) > 1:
+            stats.conflicts_resolved += 1
+        rows.append((latest, Labelled(text, ranked[0][0], latest)))
+    rows.sort(key=lambda pair: pair[0])
+    return [row for _, row in rows], stats
+
+
+def build_training_set(new: list[Example], replay: list[Example], holdout_fraction: float,
+                       seed: int) -> TrainingSet:
+    """Resolve the new examples, keep the most recent ``holdout_fraction`` aside, add replay.
+
+    The replay sample is split the same way: ``holdout_fraction`` of it (drawn at random,
+    seeded) is kept for the forgetting check, the rest is trained on.
+    """
+    rows, stats = resolve(new)
+    positives = [r for r in rows if isinstance(r, Labelled)]
+    negatives = [r for r in rows if isinstance(r, Negative)]
+    n_holdout = int(round(len(positives) * holdout_fraction)) if len(positives) >= 5 else 0
+    cut = len(positives) - n_holdout
+    replay_rows = [Labelled(e.text, e.label, e.ts) for e in replay if e.label is not None]
+    random.Random(seed).shuffle(replay_rows)
+    n_replay_holdout = int(round(len(replay_rows) * holdout_fraction)) if len(replay_rows) >= 5 else 0
+    stamps = [e.ts for e in new] or [0.0]
+    return TrainingSet(
+        train=positives[:cut] + replay_rows[n_replay_holdout:],
+        negatives=negatives,
+        holdout=positives[cut:],
+        replay_holdout=replay_rows[:n_replay_holdout],
+        new_rows=len(positives) + len(negatives),
+        replay_rows=len(replay_rows),
+        stats=stats,
+        window=(min(stamps), max(stamps)),
+    )
+
+
+def replay_size(new_rows: int, ratio: float, floor: int = 0) -> int:
+    """How many replay examples to draw for ``new_rows`` new ones."""
+    return max(floor, int(round(new_rows * ratio)))

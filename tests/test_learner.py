@@ -1,0 +1,180 @@
+"""The learner: training-set rules, the gate, triggers, and whole cycles on a tiny random base model."""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from prometheus_client import CollectorRegistry
+
+from learner.cycle import build_learner
+from learner.dataset import Labelled, Negative, build_training_set, resolve
+from learner.gate import Scores, decide
+from learner.train import _loss
+from learner.trigger import OpsTriggers, due
+from loraloop.buffer.memory import MemoryFeedbackBuffer
+from loraloop.metrics import Metrics
+from loraloop.model import LabelMap
+from loraloop.registry import make_registry
+from loraloop.schemas import Example
+from loraloop.settings import Settings
+from loraloop.testing import save_tiny_base_model
+
+torch.set_num_threads(1)
+WORDS = {"a": "apple banana fruit pear", "b": "car truck wheel engine", "c": "moon star planet comet"}
+
+
+def _text(rng: random.Random, label: str) -> str:
+    return " ".join(rng.choice(WORDS[label].split()) for _ in range(4))
+
+
+def _ex(i: int, request: str, label: str | None, kind: str = "label", served: str = "a", text: str = "t") -> Example:
+    return Example(event_id=f"e{i}", request_id=request, text=text, kind=kind, label=label,
+                   negative_label=served if kind == "thumbs_down" else None, served_label=served,
+                   adapter_version="v1", ts=float(i))
+
+
+# --- pure pieces ---------------------------------------------------------------------------
+def test_resolve_majority_ties_and_thumbs_down() -> None:
+    rows, stats = resolve([
+        _ex(1, "r1", "b"), _ex(2, "r1", "c"), _ex(3, "r1", "b"),  # majority b
+        _ex(4, "r2", "b"), _ex(5, "r2", "c"),  # tie: ambiguous, dropped
+        _ex(6, "r3", None, kind="thumbs_down", served="a"),  # negative evidence against a
+        _ex(7, "r4", "a", kind="thumbs_up"), _ex(8, "r4", None, kind="thumbs_down"),  # label beats thumbs-down
+    ])
+    assert rows == [Labelled("t", "b", 3.0), Negative("t", "a", 6.0), Labelled("t", "a", 8.0)]
+    assert (stats.conflicts_resolved, stats.ambiguous_dropped, stats.negatives) == (1, 1, 1)
+
+
+def test_training_set_keeps_the_most_recent_feedback_and_a_replay_slice_aside() -> None:
+    new = [_ex(i, f"r{i}", "ab"[i % 2], text=f"new{i}") for i in range(10)]
+    replay = [_ex(100 + i, f"p{i}", "c", text=f"old{i}") for i in range(10)]
+    data = build_training_set(new, replay, holdout_fraction=0.2, seed=0)
+    assert [r.text for r in data.holdout] == ["new8", "new9"]
+    assert len(data.replay_holdout) == 2 and all(r.text.startswith("old") for r in data.replay_holdout)
+    trained = {r.text for r in data.train}
+    assert not trained & {r.text for r in data.holdout + data.replay_holdout}
+    assert len(trained) == 16 and data.new_rows == 10 and data.replay_rows == 10
+
+
+@pytest.mark.parametrize(("candidate", "active", "promote", "why"), [
+    (Scores(0.9, 0.9, None, 10, 10), None, True, "first version"),
+    (Scores(0.9, 0.9, None, 10, 10), Scores(0.8, 0.9, None, 10, 10), True, "holdout 0.800 -> 0.900"),
+    (Scores(0.7, 0.9, None, 10, 10), Scores(0.8, 0.9, None, 10, 10), False, "worse on the holdout"),
+    (Scores(0.9, 0.85, None, 10, 10), Scores(0.8, 0.9, None, 10, 10), False, "forgets known labels"),
+    (Scores(0.9, 0.89, None, 10, 10), Scores(0.8, 0.9, None, 10, 10), True, "known labels"),
+    (Scores(0.9, 0.9, 0.7, 10, 10), Scores(0.8, 0.9, 0.9, 10, 10), False, "worse on the golden set"),
+    (Scores(None, None, None), Scores(0.8, 0.9, 0.9), False, "nothing to evaluate"),
+])
+def test_gate(candidate: Scores, active: Scores | None, promote: bool, why: str) -> None:
+    decision = decide(candidate, active, tolerance=0.02)
+    assert decision.promote is promote and why in decision.reason
+
+
+def test_triggers_and_cross_process_ops_requests(tmp_path: Path) -> None:
+    assert due(10, 0, 5, False, 60, 100) is None
+    assert due(10, 0, 100, False, 60, 100) == "count"
+    assert due(61, 0, 0, False, 60, 100) == "timer"
+    assert due(1, 0, 0, True, 60, 100) == "ops"
+    OpsTriggers(str(tmp_path)).request("test")  # another process: another instance on the same registry
+    reader = OpsTriggers(str(tmp_path))
+    assert [t["reason"] for t in reader.take()] == ["test"]
+    assert reader.take() == []
+
+
+def test_unlikelihood_pushes_down_the_rejected_label() -> None:
+    logits = torch.zeros(1, 3, requires_grad=True)
+    _loss(logits, [1], [True]).backward()
+    assert logits.grad[0, 1] > 0 > logits.grad[0, 0]  # gradient descent lowers the rejected logit, raises others
+
+
+# --- whole cycles -------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_base_model(tmp_path_factory.mktemp("tiny") / "base")
+
+
+@pytest.fixture
+def env(base_dir: Path, tmp_path: Path):
+    golden = tmp_path / "golden.csv"
+    rng = random.Random(1)
+    golden.write_text("text,label\n" + "".join(f"{_text(rng, y)},{y}\n" for y in "ab" * 15))
+    settings = Settings(base_model=str(base_dir), registry_url=str(tmp_path / "registry"), label_capacity=8,
+                        epochs=1, claim_idle_s=0.5, golden_path=str(golden))
+    buffer = MemoryFeedbackBuffer(1000, "reject", 50, settings.claim_idle_s, 600)
+    registry = make_registry(settings)
+    metrics = Metrics(CollectorRegistry())
+    learner = build_learner(settings, registry=registry, buffer=buffer, metrics=metrics, show_progress=False)
+    rng = random.Random(0)
+    first = learner.bootstrap([_text(rng, y) for y in "ab" * 30], list("ab" * 30))
+    yield learner, buffer, registry, metrics, first, rng
+    learner.close()
+
+
+def _feed(buffer: MemoryFeedbackBuffer, rng: random.Random, labels: str, start: int, truth: str | None = None) -> None:
+    for i, label in enumerate(labels, start):
+        text = _text(rng, truth or label)
+        buffer.append(Example(event_id=f"e{i}", request_id=f"r{i}", text=text, kind="label", label=label,
+                              served_label="a", adapter_version="v", ts=time.time()))
+
+
+def test_a_new_label_is_learned_promoted_and_old_ones_kept(env) -> None:
+    learner, buffer, registry, metrics, first, rng = env
+    _feed(buffer, rng, "c" * 40 + "ab" * 10, 0)
+    outcome = learner.run_cycle("count")
+    assert outcome.outcome == "promoted", outcome.reason
+    assert outcome.new_labels == ["c"] and registry.active().version == outcome.version
+    assert registry.show(outcome.version).metadata["parent"] == first
+    version = outcome.version
+    assert learner.evaluate(version, [_text(rng, "c") for _ in range(20)], ["c"] * 20) >= 0.9
+    assert learner.evaluate(version, [_text(rng, y) for y in "ab" * 10], list("ab" * 10)) >= 0.9
+    assert buffer.depth() == 0
+    assert metrics.registry.get_sample_value("loraloop_learner_cycles_total",
+                                             {"trigger": "count", "outcome": "promoted"}) == 1
+    assert registry.cycles()[-1]["outcome"] == "promoted"
+
+
+def test_an_empty_cycle_trains_nothing(env) -> None:
+    learner, buffer, registry, *_ = env
+    before = [v.version for v in registry.versions()]
+    assert learner.run_cycle("timer").outcome == "empty"
+    assert [v.version for v in registry.versions()] == before
+
+
+def test_poisoned_feedback_is_rejected_by_the_gate(env) -> None:
+    learner, buffer, registry, _, first, rng = env
+    _feed(buffer, rng, "b" * 60, 0, truth="a")  # every "a" text labelled "b"
+    outcome = learner.run_cycle("count")
+    assert outcome.outcome == "rejected" and "golden" in outcome.reason
+    assert registry.active().version == first
+    assert (Path(registry.url) / "status" / f"{outcome.version}.json").exists()
+
+
+def test_a_learner_failing_mid_training_changes_nothing_and_the_claim_comes_back(env, monkeypatch) -> None:
+    learner, buffer, registry, _, first, rng = env
+    _feed(buffer, rng, "c" * 20, 0)
+    versions = [v.version for v in registry.versions()]
+
+    def crash(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("killed during training")
+
+    monkeypatch.setattr(learner.trainer, "finetune", crash)
+    outcome = learner.run_cycle("ops")
+    assert outcome.outcome == "failed" and "killed" in outcome.reason
+    assert registry.active().version == first and [v.version for v in registry.versions()] == versions
+    time.sleep(0.6)  # claim_idle_s
+    again = buffer.claim("other-learner", 100)
+    assert len(again.examples) == 20
+
+
+def test_labels_beyond_the_head_capacity_are_not_learned(env) -> None:
+    learner, buffer, registry, *_ = env
+    labels = [f"x{i}" for i in range(10)]
+    for i, label in enumerate(labels * 3):
+        buffer.append(Example(event_id=f"cap{i}", request_id=f"cap{i}", text=f"{label} words {i}", kind="label",
+                              label=label, served_label="a", adapter_version="v"))
+    outcome = learner.run_cycle("ops")
+    assert outcome.labels == 8  # capacity 8: 2 known + 6 new
