@@ -1,0 +1,88 @@
+"""``loraloop feedback``: ``run`` the ingester until SIGTERM/SIGINT, or ``send`` one event.
+
+``loraloop feedback run --metrics-port 9102 --feedback-http-port 8081`` serves
+``/metrics``, ``/healthz``, ``/readyz`` and the HTTP endpoint ``POST /feedback``.
+``loraloop feedback send --request-id r1 --kind label --label billing`` prints the event sent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+
+from loraloop import __version__
+from loraloop.cli import command
+from loraloop.metrics import Metrics, serve_http
+from loraloop.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``feedback run`` and ``feedback send`` (entry point ``loraloop.commands: feedback``)."""
+    parser = subparsers.add_parser("feedback", help="Feedback: run the ingester, or send one event.",
+                                   description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="feedback_command", metavar="SUBCOMMAND")
+    command(sub, "run", run_ingester, help="Join feedback to served requests and buffer it until SIGTERM.")
+    send = command(sub, "send", send_event, help="Send one feedback event to the feedback topic.")
+    send.add_argument("--request-id", required=True, help="Id of the served request the feedback is about.")
+    send.add_argument("--kind", required=True, choices=["label", "thumbs_up", "thumbs_down"])
+    send.add_argument("--label", default=None, help="The correct label (kind label only).")
+
+
+def _install_signal_handlers(stop: threading.Event) -> None:
+    def handle(signum: int, _frame: object) -> None:
+        if stop.is_set():  # second signal: stop waiting
+            raise KeyboardInterrupt
+        logger.info("%s received: committing and stopping", signal.Signals(signum).name)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handle)
+
+
+def run_ingester(args: argparse.Namespace, settings: Settings) -> int:
+    """Build the ingester from settings and run it until a stop signal."""
+    from feedback.http import serve_feedback
+    from feedback.ingester import build_ingester
+
+    metrics = Metrics()
+    metrics.build.info({"version": __version__, "role": "ingester"})
+    stop = threading.Event()
+    _install_signal_handlers(stop)
+    ingester = build_ingester(settings, metrics=metrics)
+    closers = []
+    if settings.metrics_port:
+        closers.append(serve_http(metrics.registry, settings.metrics_port, ready=ingester.ready).shutdown)
+    if settings.feedback_http_port:
+        closers.append(serve_feedback(settings).close)
+    logger.info("ingester up: group %s, topic %s, dead letters to %s", settings.ingester_group,
+                settings.feedback_topic, settings.dead_letter_topic)
+    try:
+        ingester.run(stop)
+    finally:
+        for close in closers:
+            close()
+    logger.info("ingester stopped")
+    return 0
+
+
+def send_event(args: argparse.Namespace, settings: Settings) -> int:
+    """Send one event and print it as JSON once the broker acknowledged it."""
+    from feedback.client import FeedbackClient
+
+    if (args.kind == "label") != bool(args.label):
+        print(f"loraloop feedback send: --label is required with --kind label and only then "
+              f"(kind {args.kind!r}, label {args.label!r})", file=sys.stderr)
+        return 2
+    with FeedbackClient(settings) as client:
+        if args.kind == "label":
+            event = client.label(args.request_id, args.label)
+        else:
+            event = getattr(client, args.kind)(args.request_id)
+        client.flush()
+    print(event.model_dump_json(exclude_none=True))
+    return 0

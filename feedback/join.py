@@ -1,0 +1,116 @@
+"""Pure decisions of the feedback ingester: join an event to its served request, judge it.
+
+No I/O here: the ingester fetches the served request and the clock, these functions decide.
+
+Example:
+    >>> from loraloop.schemas import FeedbackEvent, ServedRequest
+    >>> served = ServedRequest(request_id="r1", text="hi", label="greet", score=0.9, adapter_version="v1", ts=0.0)
+    >>> up = FeedbackEvent(event_id="e1", request_id="r1", kind="thumbs_up", ts=1.0)
+    >>> join(up, served, None, now=2.0, grace_s=10.0).label
+    'greet'
+    >>> join(up, None, None, now=2.0, grace_s=10.0)
+    Retry(request_id='r1', until=11.0)
+    >>> join(up, None, None, now=20.0, grace_s=10.0).reason
+    'unknown_request'
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from dataclasses import dataclass
+
+from loraloop.schemas import Example, FeedbackEvent, ServedRequest
+
+MAX_LABEL_CHARS = 64
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """The event goes to the dead-letter topic; ``reason`` is one of ``schemas.REASONS``."""
+
+    reason: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class Retry:
+    """The served request is not in the log yet: try again until ``until`` (unix time)."""
+
+    request_id: str
+    until: float
+
+
+def parse_allowed(text: str) -> frozenset[str] | None:
+    """``settings.allowed_labels`` as a set; None (any well-formed label) when empty.
+
+    Example:
+        >>> sorted(parse_allowed(" a, b,,c "))
+        ['a', 'b', 'c']
+        >>> parse_allowed("") is None
+        True
+    """
+    labels = frozenset(p.strip() for p in text.split(",") if p.strip())
+    return labels or None
+
+
+def label_problem(label: str, allowed: frozenset[str] | None) -> str | None:
+    """Why ``label`` may not be named by feedback, or None when it may.
+
+    Example:
+        >>> label_problem("x" * 65, None)
+        'label is 65 characters, limit 64'
+        >>> label_problem("b", frozenset({"a"}))
+        "label 'b' is not one of ['a']"
+    """
+    if allowed is not None:
+        return None if label in allowed else f"label {label!r} is not one of {sorted(allowed)}"
+    if not 1 <= len(label) <= MAX_LABEL_CHARS:
+        return f"label is {len(label)} characters, limit {MAX_LABEL_CHARS}"
+    if any(unicodedata.category(c).startswith("C") for c in label):
+        return f"label {label!r} contains control characters"
+    return None
+
+
+def join(event: FeedbackEvent, served: ServedRequest | None, allowed: frozenset[str] | None, now: float,
+         grace_s: float, first_seen: float | None = None) -> Example | Rejection | Retry:
+    """Decide what one feedback event becomes.
+
+    Args:
+        event: the decoded feedback event.
+        served: the request it judges, from the request log (None: unknown, expired, or not logged yet).
+        allowed: labels a ``label`` event may name (None: any label of 1-64 characters without control
+            characters).
+        now: the current unix time.
+        grace_s: how long an event whose request is unknown is retried (early feedback).
+        first_seen: unix time the ingester first saw the event; the grace runs from the earlier of it
+            and ``event.ts``, so a producer clock running ahead cannot stretch the wait.
+
+    Returns:
+        The :class:`Example` to buffer, a :class:`Rejection` to dead-letter, or :class:`Retry`.
+    """
+    if event.kind == "label":
+        problem = label_problem(event.label or "", allowed)
+        if problem is not None:
+            return Rejection("label_not_allowed", problem)
+    if served is None:
+        start = event.ts if first_seen is None else min(event.ts, first_seen)
+        if now - start < grace_s:
+            return Retry(event.request_id, start + grace_s)
+        return Rejection("unknown_request", f"request {event.request_id!r} is not in the request log "
+                         f"(unknown or expired) {now - start:.1f} s after the feedback")
+    label, negative = {"label": (event.label, None), "thumbs_up": (served.label, None),
+                       "thumbs_down": (None, served.label)}[event.kind]
+    return Example(event_id=event.event_id, request_id=event.request_id, text=served.text, kind=event.kind,
+                   label=label, negative_label=negative, served_label=served.label,
+                   adapter_version=served.adapter_version, ts=event.ts)
+
+
+def judgement(example: Example) -> tuple[bool, bool]:
+    """(judged, correct) of the served prediction an example is about.
+
+    Every kind judges the prediction: a ``label`` event is correct iff it names the served
+    label, ``thumbs_up`` is correct, ``thumbs_down`` is not.
+    """
+    if example.kind == "label":
+        return True, example.label == example.served_label
+    return True, example.kind == "thumbs_up"
