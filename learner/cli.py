@@ -85,9 +85,8 @@ def _run_learner(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _run_retrain(args: argparse.Namespace, settings: Settings) -> int:
-    from loraloop.registry import make_registry
-
     from learner.trigger import OpsTriggers
+    from loraloop.registry import make_registry
 
     registry = make_registry(settings)
     seen = len(registry.cycles())

@@ -26,6 +26,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from learner.dataset import Labelled, TrainingSet, build_training_set, replay_size
+from learner.gate import GateDecision, Scores, decide
+from learner.train import Trainer, seed_everything
+from learner.trigger import OpsTriggers, due
 from loraloop.buffer import FeedbackBuffer, make_feedback_buffer
 from loraloop.buffer.base import BufferError
 from loraloop.metrics import Metrics
@@ -33,11 +37,6 @@ from loraloop.model import LabelMap
 from loraloop.registry import AdapterRegistry, make_registry
 from loraloop.schemas import Example
 from loraloop.settings import Settings
-
-from learner.dataset import Labelled, TrainingSet, build_training_set, replay_size
-from learner.gate import GateDecision, Scores, decide
-from learner.train import Trainer, seed_everything
-from learner.trigger import OpsTriggers, due
 
 logger = logging.getLogger(__name__)
 

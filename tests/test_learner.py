@@ -17,7 +17,6 @@ from learner.train import _loss
 from learner.trigger import OpsTriggers, due
 from loraloop.buffer.memory import MemoryFeedbackBuffer
 from loraloop.metrics import Metrics
-from loraloop.model import LabelMap
 from loraloop.registry import make_registry
 from loraloop.schemas import Example
 from loraloop.settings import Settings

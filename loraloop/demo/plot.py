@@ -42,7 +42,7 @@ def plot_accuracy(path: Path, correct: list[bool], phases: list[int], is_new: li
     style = {"promoted": ("tab:green", "^", "promotion"), "rejected": ("tab:orange", "x", "rejected by gate"),
              "rolled_back": ("tab:red", "v", "rolled back by guard")}
     seen: set[str] = set()
-    for index, kind, text in events:
+    for index, kind, _version in events:
         color, marker, name = style.get(kind, ("grey", "o", kind))
         ax.axvline(index, color=color, alpha=0.35, lw=1)
         ax.plot([index], [0.03], marker=marker, color=color, ms=9, ls="none",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import threading
 import time
 import uuid
@@ -46,6 +47,8 @@ class DemoConfig:
     poison: bool = False
     poison_share: float = 0.2
     seed: int = 0
+    learn: bool = True  # False: the learner thread is not started (the "static" baseline)
+    test_dataset: str | None = None  # a separate test CSV (same columns); the whole dataset is then the stream's
 
 
 @dataclass
@@ -71,7 +74,9 @@ def demo_settings(settings: Settings, config: DemoConfig) -> Settings:
     update: dict[str, object] = {"registry_url": str((config.out / "registry").resolve())}
     fields_set = settings.model_fields_set
     defaults = {"cycle_min_feedback": 250, "cycle_interval_s": 60.0, "epochs": 2, "guard_window_s": 20.0,
-                "guard_min_judged": 80, "claim_idle_s": 600.0, "max_wait_ms": 20}
+                "guard_min_judged": 80, "claim_idle_s": 600.0, "max_wait_ms": 20,
+                # the learner trains on the worker's CPU cores here: latency during a cycle says nothing of the adapter
+                "guard_max_p99_ratio": 4.0}
     update.update({k: v for k, v in defaults.items() if k not in fields_set})
     return settings.model_copy(update=update)
 
@@ -86,6 +91,7 @@ class Demo:
         self._truth: dict[str, tuple[str, int]] = {}
         self._pending: set[str] = set()
         self._lock = threading.Lock()
+        self.events: list[tuple[int, str, str]] = []  # (prediction index, promoted/rejected/rolled_back, version)
 
     # --- set-up ----------------------------------------------------------------------
     def _rows(self) -> list[tuple[str, str]]:
@@ -118,7 +124,11 @@ class Demo:
         cfg = self.config
         cfg.out.mkdir(parents=True, exist_ok=True)
         rows = self._rows()
-        train, test = split_rows(rows, cfg.test_fraction, cfg.seed)
+        if cfg.test_dataset:
+            train, test = list(dict(rows).items()), load_csv(cfg.test_dataset, cfg.text_column, cfg.label_column)
+            random.Random(cfg.seed).shuffle(test)
+        else:
+            train, test = split_rows(rows, cfg.test_fraction, cfg.seed)
         test = test[: cfg.max_test]
         labels = sorted({label for _, label in rows})
         plan = DriftPlan.split(labels, cfg.known_fraction, cfg.seed)
@@ -134,18 +144,18 @@ class Demo:
 
         threads = [threading.Thread(target=c.run, args=(self.stop,), name=n, daemon=True)
                    for n, c in (("worker", self.worker), ("ingester", self.ingester), ("learner", self.learner),
-                                ("guard", self.guard)) if c is not None]
+                                ("guard", self.guard)) if c is not None and (cfg.learn or n != "learner")]
         for t in threads:
             t.start()
         stream = plan.stream(train, cfg.requests, cfg.seed)
-        events = self._serve(stream, plan, labels)
+        events = self.events = self._serve(stream, plan, labels)
         self.stop.set()
         for t in threads:
             t.join(timeout=120)
 
         final = self.registry.active().version
         final_eval = self._evaluate(final, test, plan)
-        summary = self._summary(initial, initial_eval, final, final_eval, time.monotonic() - started, plan)
+        summary = self._summary(initial, initial_eval, final, final_eval, time.monotonic() - started, plan, events)
         (cfg.out / "summary.json").write_text(json.dumps(summary, indent=2))
         plot_accuracy(cfg.out / "accuracy.png", self.observed.correct, self.observed.phases, self.observed.is_new,
                       events, window=max(50, cfg.requests // 15),
@@ -182,6 +192,7 @@ class Demo:
         observer = self.transport.consumer([s.predictions_topic], f"demo-observer-{uuid.uuid4().hex[:6]}")
         events: list[tuple[int, str, str]] = []
         seen_cycles = len(self.registry.cycles())
+        generation = self.registry.active().generation
         bar = tqdm(total=len(stream), desc="demo requests", unit="req", dynamic_ncols=True)
         interval = 1.0 / cfg.rate if cfg.rate > 0 else 0.0
         next_send, sent = time.monotonic(), 0
@@ -205,6 +216,11 @@ class Demo:
                 bar.update(1)
             events.extend(self._cycle_events(seen_cycles))
             seen_cycles = len(self.registry.cycles())
+            pointer = self.registry.active()
+            if pointer.generation != generation:
+                generation = pointer.generation
+                if pointer.reason.startswith("rollback"):
+                    events.append((len(self.observed.correct), "rolled_back", pointer.version or ""))
             bar.set_postfix(active=self.registry.active().version, promotions=sum(e[1] == "promoted" for e in events),
                             refresh=False)
             if sent == len(stream):
@@ -248,7 +264,8 @@ class Demo:
         return out
 
     def _summary(self, initial: str, initial_eval: dict[str, float], final: str | None,
-                 final_eval: dict[str, float], duration: float, plan: DriftPlan) -> dict[str, object]:
+                 final_eval: dict[str, float], duration: float, plan: DriftPlan,
+                 events: list[tuple[int, str, str]]) -> dict[str, object]:
         cycles = self.registry.cycles()
         outcomes = [str(c.get("outcome", "")) for c in cycles]
         n = len(self.observed.correct)
@@ -257,7 +274,7 @@ class Demo:
             "feedback_events": self.observed.feedback_events,
             "promotions": outcomes.count("promoted"),
             "rejections": outcomes.count("rejected"),
-            "rollbacks": outcomes.count("rolled_back"),
+            "rollbacks": sum(kind == "rolled_back" for _, kind, _ in events),
             "accuracy_initial": round(initial_eval["all"], 4),
             "accuracy_final": round(final_eval["all"], 4),
             "new_label_accuracy_initial": round(initial_eval["new"], 4),
