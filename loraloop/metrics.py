@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
@@ -88,6 +88,10 @@ class Metrics:
                                    ["dataset", "role"], namespace=ns, registry=r)
         self.promotions = Counter("promotions", "Adapter promotions by reason.", ["reason"], namespace=ns, registry=r)
         self.rollbacks = Counter("rollbacks", "Adapter rollbacks by reason.", ["reason"], namespace=ns, registry=r)
+        # --- guard -----------------------------------------------------------------
+        self.guard_decisions = Counter("guard_decisions", "Final rollback-guard decisions on promotions, by "
+                                       "action (keep, rollback) and reason.", ["action", "reason"],
+                                       namespace=ns, registry=r)
         self.build = Info("build", "loraloop version and process role.", namespace=ns, registry=r)
 
 
@@ -102,6 +106,7 @@ METRIC_NAMES = frozenset({
     "loraloop_buffer_acknowledged_total", "loraloop_learner_cycles_total", "loraloop_learner_cycle_seconds",
     "loraloop_learner_last_cycle_timestamp_seconds", "loraloop_train_loss", "loraloop_eval_accuracy",
     "loraloop_promotions_total", "loraloop_rollbacks_total", "loraloop_build_info",
+    "loraloop_guard_decisions_total",
 })
 
 
