@@ -23,10 +23,17 @@ import threading
 import time
 from dataclasses import dataclass
 
-from feedback.join import Rejection, Retry, join, judgement, parse_allowed
+from feedback.join import Rejection, Retry, join, judgement, paired_judgement, parse_allowed
 from loraloop.buffer import BufferError, FeedbackBuffer, RequestLog, make_feedback_buffer, make_request_log
 from loraloop.metrics import Metrics
-from loraloop.schemas import DeadLetter, FeedbackEvent, InvalidMessage, decode_feedback
+from loraloop.schemas import (
+    DeadLetter,
+    Example,
+    FeedbackEvent,
+    InvalidMessage,
+    ServedRequest,
+    decode_feedback,
+)
 from loraloop.settings import Settings
 from loraloop.transport import (
     Consumer,
@@ -248,8 +255,17 @@ class FeedbackIngester:
             judged, correct = judgement(result)
             self.metrics.judged.labels(adapter_version=result.adapter_version).inc(int(judged))
             self.metrics.correct.labels(adapter_version=result.adapter_version).inc(int(correct))
+            self._count_pair(result, served)
         self._resolve(item.record)
         return outcome
+
+    def _count_pair(self, example: Example, served: ServedRequest) -> None:
+        pair = paired_judgement(example, served)
+        if pair is None:
+            return
+        outcome = {(True, True): "both_correct", (True, False): "new_only", (False, True): "old_only",
+                   (False, False): "both_wrong"}[pair]
+        self.metrics.paired_judged.labels(adapter_version=example.adapter_version, outcome=outcome).inc()
 
     def _reject(self, item: _Held, rejection: Rejection) -> str:
         record, error = item.record, InvalidMessage(rejection.reason, rejection.detail)

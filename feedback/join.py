@@ -105,6 +105,23 @@ def join(event: FeedbackEvent, served: ServedRequest | None, allowed: frozenset[
                    adapter_version=served.adapter_version, ts=event.ts)
 
 
+def paired_judgement(example: Example, served: ServedRequest) -> tuple[bool, bool] | None:
+    """(serving version correct, replaced version correct) on a shadow-scored request, or None.
+
+    Only where the truth of both answers is known: a ``label`` event names it, a
+    ``thumbs_up`` confirms the served label; a ``thumbs_down`` only says the served label
+    was wrong, which decides the shadow answer only when it was the same label.
+    """
+    shadow = served.shadow_label
+    if served.shadow_version is None or shadow is None:
+        return None
+    if example.kind == "label":
+        return example.label == served.label, example.label == shadow
+    if example.kind == "thumbs_up":
+        return True, shadow == served.label
+    return (False, False) if shadow == served.label else None
+
+
 def judgement(example: Example) -> tuple[bool, bool]:
     """(judged, correct) of the served prediction an example is about.
 

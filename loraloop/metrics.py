@@ -71,6 +71,9 @@ class Metrics:
                               namespace=ns, registry=r)
         self.correct = Counter("correct", "Judged predictions the feedback confirmed.", ["adapter_version"],
                                namespace=ns, registry=r)
+        self.paired_judged = Counter("paired_judged", "Judged predictions that the replaced adapter also scored "
+                                     "(shadow), by serving version and outcome (both_correct, new_only, old_only, "
+                                     "both_wrong).", ["adapter_version", "outcome"], namespace=ns, registry=r)
         self.buffer_depth = Gauge("buffer_depth", "Feedback examples not yet acknowledged by the learner.",
                                   namespace=ns, registry=r)
         self.buffer_claimed = Counter("buffer_claimed", "Examples claimed by the learner.", namespace=ns, registry=r)
@@ -102,7 +105,8 @@ METRIC_NAMES = frozenset({
     "loraloop_end_to_end_seconds", "loraloop_consumer_lag", "loraloop_active_adapter",
     "loraloop_adapter_swaps_total", "loraloop_swap_seconds", "loraloop_prediction_confidence",
     "loraloop_request_log_errors_total", "loraloop_inference_errors_total", "loraloop_feedback_events_total",
-    "loraloop_judged_total", "loraloop_correct_total", "loraloop_buffer_depth", "loraloop_buffer_claimed_total",
+    "loraloop_judged_total", "loraloop_correct_total",
+    "loraloop_paired_judged_total", "loraloop_buffer_depth", "loraloop_buffer_claimed_total",
     "loraloop_buffer_acknowledged_total", "loraloop_learner_cycles_total", "loraloop_learner_cycle_seconds",
     "loraloop_learner_last_cycle_timestamp_seconds", "loraloop_train_loss", "loraloop_eval_accuracy",
     "loraloop_promotions_total", "loraloop_rollbacks_total", "loraloop_build_info",

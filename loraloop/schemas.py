@@ -127,6 +127,9 @@ class ServedRequest(_Record):
     adapter_version: str
     tenant: str | None = None
     ts: float = Field(default_factory=time.time)
+    # Shadow scoring after a swap: the label the replaced adapter gave the same request.
+    shadow_version: str | None = None
+    shadow_label: str | None = None
 
 
 class Example(_Record):

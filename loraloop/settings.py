@@ -118,6 +118,9 @@ class Settings(BaseSettings):
                                                      "low-confidence predictions new vs old before rollback.")
     guard_max_dead_letter_increase: float = Field(0.05, gt=0, le=1, description="Largest rise in the dead-letter "
                                                   "share of consumed requests new vs old before rollback.")
+    shadow_fraction: float = Field(0.25, ge=0, le=1, description="After a swap, the share of requests also scored by "
+                                   "the replaced adapter (for three guard windows), so the guard compares both on the "
+                                   "same traffic; 0: off.")
     guard_poll_s: float = Field(5.0, gt=0, description="How often the guard reads its metric source.")
 
     log_level: str = Field("INFO", description="Python logging level.")

@@ -285,6 +285,23 @@ class AdapterManager:
         return doomed
 
     # --- inference -----------------------------------------------------------------------
+    def forward_as(self, name: str, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Masked logits of a loaded, possibly inactive adapter (inference thread only: shadow scoring).
+
+        The active adapter is restored before returning, even on error; ``active`` never changes.
+        """
+        from loraloop.model import mask_logits
+
+        self._require(name)
+        state = self._state
+        self.model.set_adapter(name)
+        try:
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask)
+        finally:
+            if state is not None:
+                self.model.set_adapter(state[0])
+        return mask_logits(logits.float(), len(self._label_maps[name]))
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, str, LabelMap]:
         """Logits of the active adapter with slots past its label map masked, and which adapter that was.
 

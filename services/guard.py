@@ -128,8 +128,43 @@ class _Check:
     evidence: dict
 
 
+def paired_worse_p_value(new_only: float, old_only: float) -> float:
+    """One-sided exact McNemar test of "the new version is right less often than the old one on the same requests".
+
+    Only discordant pairs carry evidence: under no difference, ``old_only`` among the
+    ``new_only + old_only`` discordant pairs is Binomial(n, 1/2); the p-value is its upper tail.
+    """
+    b, c = int(round(old_only)), int(round(new_only))
+    n = b + c
+    if n == 0:
+        return 1.0
+    terms = [_log_comb(n, k) - n * math.log(2) for k in range(b, n + 1)]
+    top = max(terms)
+    return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in terms))
+
+
+def _enough_judged(new: VersionStats, t: GuardThresholds) -> bool:
+    """Shadow-scored pairs decide when there are any; plain judged counts only without shadow scoring."""
+    if new.paired_judged > 0:
+        return new.paired_judged >= t.guard_min_judged
+    return new.judged >= t.guard_min_judged
+
+
 def _check_correctness(new: VersionStats, old: VersionStats, t: GuardThresholds, elapsed_s: float) -> _Check:
-    evidence: dict = {"new_accuracy": new.accuracy, "old_accuracy": old.accuracy,
+    """Paired when the worker shadow-scored the replaced adapter, else new window vs old window.
+
+    The paired test compares both adapters on the *same* requests, so traffic that drifts
+    at the moment of a promotion (new intents, a different hour) cannot pass for a regression;
+    the window test compares different traffic and is the fallback when shadow scoring is off.
+    """
+    if new.paired_judged > 0:
+        evidence = {"paired": True, "pairs": new.paired_judged, "new_only": new.paired_new_only,
+                    "old_only": new.paired_old_only}
+        if new.paired_judged < t.guard_min_judged:
+            return _Check("correctness", False, {**evidence, "tested": False})
+        p = paired_worse_p_value(new.paired_new_only, new.paired_old_only)
+        return _Check("correctness", p < t.guard_alpha, {**evidence, "tested": True, "p_value": p})
+    evidence: dict = {"paired": False, "new_accuracy": new.accuracy, "old_accuracy": old.accuracy,
                       "new_judged": new.judged, "old_judged": old.judged}
     if new.judged < t.guard_min_judged or old.judged <= 0:
         return _Check("correctness", False, {**evidence, "tested": False})
@@ -203,7 +238,7 @@ def decide(new: VersionStats, old: VersionStats, thresholds: GuardThresholds, el
     if regressed:
         return Decision(ROLLBACK, regressed[0], {**evidence, "regressed": regressed})
     window = thresholds.guard_window_s
-    enough = new.judged >= thresholds.guard_min_judged
+    enough = _enough_judged(new, thresholds)
     if elapsed_s >= window and enough:
         return Decision(KEEP, "no_regression" if old.judged > 0 else "no_baseline", evidence)
     if elapsed_s >= EXTRA_WINDOWS * window:

@@ -51,7 +51,9 @@ CONSUMED = "loraloop_requests_consumed_total"
 DEAD_LETTERS = "loraloop_dead_letters_total"
 LATENCY = "loraloop_end_to_end_seconds"
 CONFIDENCE = "loraloop_prediction_confidence"
-GUARD_METRICS = (JUDGED, CORRECT, SERVED, CONSUMED, DEAD_LETTERS, LATENCY, CONFIDENCE)
+PAIRED = "loraloop_paired_judged_total"
+GUARD_METRICS = (JUDGED, CORRECT, SERVED, CONSUMED, DEAD_LETTERS, LATENCY, CONFIDENCE, PAIRED)
+PAIRED_OUTCOMES = ("both_correct", "new_only", "old_only", "both_wrong")
 DEAD_LETTER_SOURCE = "requests"  # worker dead letters; the feedback path's ones are not a serving regression
 DEFAULT_LOOKBACK_S = 600.0
 
@@ -72,6 +74,10 @@ class VersionStats:
     p99_latency_s: float | None = None
     low_confidence_share: float | None = None
     served: float = 0.0
+    # Shadow-scored judged requests (the replaced adapter also answered them): who was right.
+    paired_judged: float = 0.0
+    paired_new_only: float = 0.0  # only this version was right
+    paired_old_only: float = 0.0  # only the replaced version was right
 
     @property
     def accuracy(self) -> float | None:
@@ -93,6 +99,7 @@ class Counts:
     dead_letters: float = 0.0
     latency: Mapping[float, float] = field(default_factory=dict)
     confidence: Mapping[float, float] = field(default_factory=dict)
+    paired: Mapping[str, float] = field(default_factory=dict)  # outcome -> count
 
     def minus(self, earlier: Counts) -> Counts:
         """This reading less an earlier one, clamped at zero (a counter never goes down)."""
@@ -105,7 +112,7 @@ class Counts:
         return Counts(sub(self.judged, earlier.judged), sub(self.correct, earlier.correct),
                       sub(self.served, earlier.served), sub(self.consumed, earlier.consumed),
                       sub(self.dead_letters, earlier.dead_letters), sub_buckets(self.latency, earlier.latency),
-                      sub_buckets(self.confidence, earlier.confidence))
+                      sub_buckets(self.confidence, earlier.confidence), sub_buckets(self.paired, earlier.paired))
 
 
 def bucket_quantile(q: float, buckets: Mapping[float, float]) -> float | None:
@@ -165,7 +172,9 @@ def to_stats(version: str | None, window: Counts, low_confidence: float) -> Vers
     """The window's counts as :class:`VersionStats`."""
     return VersionStats(version=version, judged=window.judged, correct=window.correct, consumed=window.consumed,
                         dead_letters=window.dead_letters, p99_latency_s=bucket_quantile(0.99, window.latency),
-                        low_confidence_share=share_below(low_confidence, window.confidence), served=window.served)
+                        low_confidence_share=share_below(low_confidence, window.confidence), served=window.served,
+                        paired_judged=sum(window.paired.values()), paired_new_only=window.paired.get("new_only", 0.0),
+                        paired_old_only=window.paired.get("old_only", 0.0))
 
 
 class MetricSource(abc.ABC):
@@ -253,6 +262,7 @@ class InProcessSource(MetricSource):
             dead_letters=_sum(samples, DEAD_LETTERS, {"source": DEAD_LETTER_SOURCE}),
             latency=_buckets(samples, LATENCY + "_bucket", version),
             confidence=_buckets(samples, CONFIDENCE + "_bucket", version),
+            paired={o: _sum(samples, PAIRED, {"adapter_version": version, "outcome": o}) for o in PAIRED_OUTCOMES},
         )
 
 
@@ -304,6 +314,7 @@ class PrometheusSource(MetricSource):
             "dead_letters": f'sum({DEAD_LETTERS}{{source="{DEAD_LETTER_SOURCE}"{extra}}})',
             "latency": f'sum by (le) ({LATENCY}_bucket{{adapter_version="{v}"{extra}}})',
             "confidence": f'sum by (le) ({CONFIDENCE}_bucket{{adapter_version="{v}"{extra}}})',
+            "paired": f'sum by (outcome) ({PAIRED}{{adapter_version="{v}"{extra}}})',
         }
 
     def counts(self, version: str, at: float | None = None) -> Counts:
@@ -312,6 +323,8 @@ class PrometheusSource(MetricSource):
             result = self.query(promql, at)
             if name in {"latency", "confidence"}:
                 values[name] = {float(r["metric"]["le"]): _value(r) for r in result}
+            elif name == "paired":
+                values[name] = {str(r["metric"].get("outcome", "")): _value(r) for r in result}
             else:
                 values[name] = sum(_value(r) for r in result)
         return Counts(**values)

@@ -33,6 +33,7 @@ import shutil
 import tempfile
 import threading
 import time
+import zlib
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +79,7 @@ LOG_EVERY_S = 30.0  # rate limit of repeated error lines
 # Fixed cost of one forward pass, in padded tokens, for splitting a batch by length (services.batching).
 # Measured for MiniLM on a CPU core: ~4.7 ms per call vs ~0.11 ms per token, i.e. ~40 tokens.
 CHUNK_OVERHEAD_TOKENS = 40.0
+SHADOW_WINDOWS = 3  # shadow-score as long as the guard may watch a promotion (it keeps watching up to 3 windows)
 
 
 @dataclass(frozen=True)
@@ -139,6 +141,8 @@ class InferenceWorker:
         self.metrics = metrics
         self.tokenizer = tokenizer
         self.manager = AdapterManager(base, max_loaded=max_loaded)
+        self._shadow: tuple[str, float] | None = None  # (replaced version, monotonic deadline) after a swap
+        self._shadow_out: dict[str, tuple[str, str]] = {}
         self.policy = BatchPolicy(settings.max_batch, settings.max_wait_ms)
         self.chunk_overhead_tokens = chunk_overhead_tokens
         self.pad_id = int(tokenizer.pad_token_id or 0)
@@ -246,6 +250,8 @@ class InferenceWorker:
             return
         pause = time.perf_counter() - started
         self.swap_log.append((time.time(), swap.version, pause))
+        if previous is not None and self.settings.shadow_fraction > 0:  # the guard compares both on the same traffic
+            self._shadow = (previous, time.monotonic() + SHADOW_WINDOWS * self.settings.guard_window_s)
         m = self.metrics
         m.adapter_swaps.labels(outcome="ok").inc()
         m.swap_seconds.observe(time.monotonic() - swap.seen_at)
@@ -385,9 +391,34 @@ class InferenceWorker:
         self.metrics.inference_seconds.observe(elapsed)
         self.metrics.batch_size.observe(len(requests))
         now = time.time()
+        self._shadow_out = self._shadow_labels(requests, ids)
         return [Prediction(request_id=r.id, label=o.label, score=o.score, top_k=o.top_k, adapter_version=version,
                            latency_ms=round(max(0.0, now - r.ts) * 1000, 3), truncated=cut, tenant=r.tenant, ts=now)
                 for r, o, cut in zip(requests, outcomes, truncated, strict=True)]
+
+    def _shadow_labels(self, requests: list[Request], ids: list[list[int]]) -> dict[str, tuple[str, str]]:
+        """After a swap, the replaced adapter's label for a sample of the batch: {request id: (version, label)}.
+
+        Sampled by a hash of the request id, so a redelivered request is shadowed the same way.
+        Costs ``shadow_fraction`` of a forward pass per batch, for three guard windows after a swap.
+        """
+        shadow = self._shadow
+        if shadow is None:
+            return {}
+        version, until = shadow
+        if time.monotonic() > until or version not in self.manager.adapters:
+            self._shadow = None
+            return {}
+        cut = int(self.settings.shadow_fraction * 1000)
+        rows = [i for i, r in enumerate(requests) if zlib.crc32(r.id.encode()) % 1000 < cut]
+        names = self.manager.labels_of(version).labels
+        out: dict[str, tuple[str, str]] = {}
+        for chunk in plan_chunks([len(ids[i]) for i in rows], self.policy.max_batch, self.chunk_overhead_tokens):
+            picked = [rows[j] for j in chunk]
+            input_ids, attention_mask = self._pad([ids[i] for i in picked])
+            best = self.manager.forward_as(version, input_ids, attention_mask).argmax(-1).tolist()
+            out.update({requests[i].id: (version, names[j]) for i, j in zip(picked, best, strict=True)})
+        return out
 
     # --- side effects ----------------------------------------------------------------------
     def _remember(self, predictions: list[Prediction], requests: list[Request]) -> None:
@@ -402,8 +433,11 @@ class InferenceWorker:
         if time.monotonic() < self._log_down_until:
             self.metrics.request_log_errors.inc(len(predictions))
             return
+        shadow = self._shadow_out
         served = [ServedRequest(request_id=p.request_id, text=r.text, label=p.label, score=p.score,
-                                adapter_version=p.adapter_version, tenant=p.tenant, ts=p.ts)
+                                adapter_version=p.adapter_version, tenant=p.tenant, ts=p.ts,
+                                shadow_version=shadow.get(p.request_id, (None, None))[0],
+                                shadow_label=shadow.get(p.request_id, (None, None))[1])
                   for p, r in zip(predictions, requests, strict=True)]
         try:
             self.request_log.record(served)

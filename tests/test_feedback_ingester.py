@@ -480,3 +480,22 @@ def test_cli_run_serves_http_and_stops_on_sigterm(tmp_path) -> None:
             proc.kill()
     assert proc.returncode == 0, output
     assert "SIGTERM received" in output and "ingester stopped" in output
+
+
+@pytest.mark.parametrize(("kind", "label", "served", "shadow", "pair"), [
+    ("label", "b", "a", "b", (False, True)),
+    ("label", "a", "a", "b", (True, False)),
+    ("label", "c", "a", "b", (False, False)),
+    ("thumbs_up", None, "a", "a", (True, True)),
+    ("thumbs_up", None, "a", "b", (True, False)),
+    ("thumbs_down", None, "a", "a", (False, False)),
+    ("thumbs_down", None, "a", "b", None),  # the shadow's answer is not judged by a thumbs-down
+    ("label", "a", "a", None, None),  # not shadow-scored
+])
+def test_paired_judgement(kind: str, label: str | None, served: str, shadow: str | None, pair) -> None:
+    from feedback.join import join, paired_judgement
+
+    request = ServedRequest(request_id="r", text="t", label=served, score=0.9, adapter_version="v2", ts=0.0,
+                            shadow_version="v1" if shadow else None, shadow_label=shadow)
+    event = FeedbackEvent(event_id="e", request_id="r", kind=kind, label=label, ts=0.0)
+    assert paired_judgement(join(event, request, None, 0.0, 10.0), request) == pair

@@ -335,3 +335,35 @@ def test_guard_command_serves_health_and_stops_on_sigterm(tmp_path: Path) -> Non
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# --- shadow-scored pairs ------------------------------------------------------------------------
+def test_paired_mcnemar_p_value() -> None:
+    from services.guard import paired_worse_p_value
+
+    assert paired_worse_p_value(0, 0) == 1.0
+    assert paired_worse_p_value(new_only=5, old_only=5) == pytest.approx(0.623, abs=1e-3)  # P(Bin(10,.5) >= 5)
+    assert paired_worse_p_value(new_only=0, old_only=10) == pytest.approx(0.5 ** 10)
+    assert paired_worse_p_value(new_only=10, old_only=0) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(("new", "action", "reason"), [
+    # traffic drifted at the promotion (new intents): the window test alone would roll back
+    # (60 % vs 90 %), but on the same requests the new version is as good as the old one
+    (_new(judged=200, correct=120, paired_judged=60, paired_new_only=3, paired_old_only=3), KEEP, "no_regression"),
+    # on the same requests the replaced adapter was right far more often: a real regression
+    (_new(judged=200, correct=120, paired_judged=60, paired_new_only=1, paired_old_only=20), ROLLBACK, "correctness"),
+    # with shadow scoring on, too few pairs means wait, whatever the plain judged count says
+    (_new(judged=200, correct=20, paired_judged=10, paired_new_only=0, paired_old_only=10), WAIT, "need_judged"),
+])
+def test_pairs_decide_correctness_when_the_worker_shadow_scores(new: VersionStats, action: str, reason: str) -> None:
+    decision = decide(new, OLD, T, 61)
+    assert (decision.action, decision.reason) == (action, reason), decision.evidence["checks"]["correctness"]
+
+
+def test_in_process_source_reads_the_paired_outcomes() -> None:
+    metrics = Metrics(CollectorRegistry())
+    for outcome, n in (("both_correct", 7), ("new_only", 2), ("old_only", 5), ("both_wrong", 1)):
+        metrics.paired_judged.labels(adapter_version="v2", outcome=outcome).inc(n)
+    stats = InProcessSource(metrics.registry, low_confidence=0.5).stats("v2", since_ts=0.0)
+    assert (stats.paired_judged, stats.paired_new_only, stats.paired_old_only) == (15, 2, 5)

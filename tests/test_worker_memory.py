@@ -405,3 +405,30 @@ def test_length_chunking_gives_the_same_predictions(stack: Stack) -> None:
         assert a.request_id == b.request_id and a.label == b.label
         assert [t.label for t in a.top_k] == [t.label for t in b.top_k]
         assert a.score == pytest.approx(b.score, abs=1e-5)
+
+
+def test_after_a_swap_the_replaced_adapter_shadow_scores_a_sample_for_the_guard(tmp_path: Path, base_dir: Path) -> None:
+    stack = Stack(tmp_path, base_dir, shadow_fraction=0.5, guard_window_s=0.5)
+    va = stack.registry.promote(stack.publish(LABELS, "a")).version
+    vb = stack.publish(LABELS, "b")
+    with stack.worker() as worker:
+        swap_to(worker, va)
+        stack.requests(20, "before")
+        serve_until(worker, lambda: len(stack.predictions()) == 20)
+        stack.registry.promote(vb)
+        swap_to(worker, vb)
+        shadowed_at = time.monotonic()
+        ids = stack.requests(200, "after")
+        serve_until(worker, lambda: len(stack.predictions()) == 220)
+        assert time.monotonic() - shadowed_at < 1.5, "the batch outlived the shadow window: test too slow"
+        time.sleep(1.6)  # three guard windows of 0.5 s: shadow scoring ends
+        late = stack.requests(50, "late")
+        serve_until(worker, lambda: len(stack.predictions()) == 270)
+    assert all(stack.request_log.get(f"before{i:04d}").shadow_version is None for i in range(20))
+    logged = [stack.request_log.get(i) for i in ids]
+    shadowed = [s for s in logged if s.shadow_version is not None]
+    assert 60 <= len(shadowed) <= 140  # about half, by a hash of the request id
+    assert all((s.label, s.shadow_version, s.shadow_label) == ("b", va, "a") for s in shadowed)
+    after = [p for p in stack.predictions() if not p.request_id.startswith("before")]
+    assert len(after) == 250 and all(p.label == "b" and p.adapter_version == vb for p in after)  # served by b only
+    assert all(stack.request_log.get(i).shadow_version is None for i in late)

@@ -10,7 +10,6 @@ with append-only persistence; the client retries across a restart.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import uuid

@@ -109,8 +109,7 @@ class FilePointerStore(PointerStore):
 
     def read(self) -> ActivePointer:
         try:
-            with self.fs.open(self.path, "rb") as f:
-                return ActivePointer.from_json(f.read())
+            return ActivePointer.from_json(self.fs.cat_file(self.path))  # see store._read
         except FileNotFoundError:
             return ActivePointer()
 

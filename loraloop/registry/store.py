@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 REQUIRED_FILES = (ADAPTER_WEIGHTS, ADAPTER_CONFIG, LABELS_FILE)
 COMPLETE_MARKER = "_COMPLETE"
-VERSION_PATTERN = re.compile(r"^v\d{6}-\d{8}T\d{6}-[0-9a-f]{6}$")
+VERSION_PATTERN = re.compile(r"^v\d{6}-\d{8}T\d{6}-[0-9a-f]{6}\Z")  # \Z: "$" would accept a trailing newline
 # Formats that can run code when loaded: never stored, never served.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
 
@@ -86,8 +86,7 @@ class AdapterRegistry:
         return f"{self.root}/versions/{check_version_name(version)}"
 
     def _read_json(self, path: str) -> dict:
-        with self.fs.open(path, "rb") as f:
-            return json.loads(f.read())
+        return json.loads(_read(self.fs, path))
 
     # --- publishing ----------------------------------------------------------------------
     def publish(self, src_dir: str | Path, *, parent: str | None = None, metadata: dict | None = None) -> str:
@@ -267,8 +266,9 @@ class AdapterRegistry:
 
 
 def _read(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
-    with fs.open(path, "rb") as f:
-        return f.read()
+    # cat_file, not open().read(): fsspec's memory filesystem hands every reader the same
+    # file object, so two threads reading at once could get each other's position.
+    return fs.cat_file(path)
 
 
 def _check_files(version: str, meta: dict, blobs: dict[str, bytes]) -> None:
