@@ -41,7 +41,9 @@ from loraloop.settings import Settings
 logger = logging.getLogger(__name__)
 
 LOOP_TICK_S = 0.5
-REPLAY_PER_LABEL_FLOOR = 4  # replay at least this many examples per known label, so no label is absent
+# Replay at least this many examples per known label: every label stays present, and the head
+# refit (logistic regression from scratch each cycle) sees enough of each to stay as good as before.
+REPLAY_PER_LABEL_FLOOR = 20
 
 
 @dataclass
@@ -85,9 +87,15 @@ class Learner:
         self.consumer_name = f"learner-{socket.gethostname()}-{id(self):x}"
         self._workdir = Path(tempfile.mkdtemp(prefix="loraloop-learner-"))
         self._requested = threading.Event()
+        self._busy = threading.Event()
         self._cycle_no = 0
         self._golden = _read_golden(settings.golden_path) if settings.golden_path else []
         self.last_outcome: CycleOutcome | None = None
+
+    @property
+    def busy(self) -> bool:
+        """Whether a cycle is running."""
+        return self._busy.is_set()
 
     # --- triggers and loop -------------------------------------------------------------
     def request_cycle(self) -> None:
@@ -127,11 +135,14 @@ class Learner:
         """One full cycle; never raises (a failure is an outcome, the claim comes back later)."""
         started = time.monotonic()
         outcome = CycleOutcome(trigger=trigger, outcome="failed", started_at=time.time())
+        self._busy.set()
         try:
             self._cycle(outcome)
         except Exception as e:  # a cycle must not kill the learner: report, keep the claim unacknowledged
             logger.exception("learner cycle failed")
             outcome.outcome, outcome.reason = "failed", f"{type(e).__name__}: {e}"
+        finally:
+            self._busy.clear()
         outcome.duration_s = round(time.monotonic() - started, 3)
         self._observe(outcome)
         self.last_outcome = outcome

@@ -22,6 +22,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--feedback-fraction", type=float, default=0.5, help="Share of predictions users judge.")
     parser.add_argument("--noise", type=float, default=0.05, help="Share of user labels that are wrong.")
     parser.add_argument("--poison", action="store_true", help="Add a burst of adversarially flipped feedback.")
+    parser.add_argument("--pace-with-learner", action="store_true",
+                        help="Hold traffic while the learner trains (results in requests, whatever the CPU speed).")
     parser.add_argument("--kafka", action="store_true", help="Use the Kafka at --kafka-bootstrap instead of in-memory.")
     parser.add_argument("--redis", action="store_true", help="Use the Redis at --redis-url (default "
                         "redis://127.0.0.1:6379/0) for request log, buffer and registry pointer.")
@@ -40,6 +42,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     config = DemoConfig(out=args.out, dataset=args.dataset, text_column=args.text_column,
                         label_column=args.label_column, requests=args.requests, rate=args.rate,
                         feedback_fraction=args.feedback_fraction, noise=args.noise, poison=args.poison,
+                        pace_with_learner=args.pace_with_learner,
                         seed=settings.seed)
     summary = Demo(settings, config).run()
     _print_table(summary)
