@@ -72,7 +72,7 @@ def _run_learner(args: argparse.Namespace, settings: Settings) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, handle)
-    server = serve_http(metrics.registry, settings.metrics_port) if settings.metrics_port else None
+    server = serve_http(metrics.registry, settings.metrics_port, ready=learner.ready) if settings.metrics_port else None
     logger.info("learner up: registry %s, cycle every %.0fs or %d new examples", settings.registry_url,
                 settings.cycle_interval_s, settings.cycle_min_feedback)
     try:

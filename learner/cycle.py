@@ -97,6 +97,15 @@ class Learner:
         """Whether a cycle is running."""
         return self._busy.is_set()
 
+    def ready(self) -> bool:
+        """Readiness: the buffer and the registry answer."""
+        try:
+            self.buffer.pending()
+            self.registry.active()
+        except Exception:  # any store error means not ready; the loop itself keeps retrying
+            return False
+        return True
+
     # --- triggers and loop -------------------------------------------------------------
     def request_cycle(self) -> None:
         """Start a cycle at the next tick (in-process ops trigger)."""

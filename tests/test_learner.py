@@ -177,3 +177,14 @@ def test_labels_beyond_the_head_capacity_are_not_learned(env) -> None:
                               label=label, served_label="a", adapter_version="v"))
     outcome = learner.run_cycle("ops")
     assert outcome.labels == 8  # capacity 8: 2 known + 6 new
+
+
+def test_ready_follows_the_buffer(env, monkeypatch) -> None:
+    learner, buffer, *_ = env
+    assert learner.ready()
+
+    def down() -> int:
+        raise ConnectionError("redis down")
+
+    monkeypatch.setattr(buffer, "pending", down)
+    assert not learner.ready()
