@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import threading
 import time
@@ -145,6 +146,11 @@ class Demo:
         print(f"initial adapter {initial}: test accuracy {initial_eval['all']:.3f} "
               f"(known {initial_eval['known']:.3f}, new {initial_eval['new']:.3f})")
 
+        # Worker and learner now share this process's cores: one intra-op thread each, not two teams
+        # fighting over them (the bootstrap above had the cores to itself).
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
         threads = [threading.Thread(target=c.run, args=(self.stop,), name=n, daemon=True)
                    for n, c in (("worker", self.worker), ("ingester", self.ingester), ("learner", self.learner),
                                 ("guard", self.guard)) if c is not None and (cfg.learn or n != "learner")]
