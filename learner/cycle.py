@@ -181,7 +181,7 @@ class Learner:
         outcome.replay_rows, outcome.negatives, outcome.window = data.replay_rows, len(data.negatives), data.window
         outcome.labels, outcome.new_labels = len(label_map), [x for x in label_map.labels if x not in active_map.labels]
         t.lap("build")
-        candidate, report = self._train(active_dir, label_map, data)
+        candidate, report = self._train(active_dir, label_map, data, active_map)
         outcome.train_loss = report.final_loss
         t.lap("train")
         cand_scores = self._scores(candidate, label_map, data, active_map)
@@ -205,18 +205,30 @@ class Learner:
         replay = self.buffer.replay_sample(n_replay, seed) if n_replay else []
         return build_training_set(examples, replay, s.holdout_fraction, seed)
 
-    def _train(self, active_dir: Path | None, label_map: LabelMap, data: TrainingSet):
+    def _train(self, active_dir: Path | None, label_map: LabelMap, data: TrainingSet,
+               active_map: LabelMap | None = None):
+        """Head first, then LoRA + head; head_only refits the whole head and stops there."""
         model = self.trainer.model_for(active_dir, trainable=True)
-        self.trainer.fit_head(model, label_map, data.train)
-        epochs = self.settings.epochs if self.settings.learner_mode == "lora" else 0
+        lora = self.settings.learner_mode == "lora"
+        if active_dir is None or not lora:
+            self.trainer.fit_head(model, label_map, data.train)
+        else:  # keep what the live head knows; only labels new to it get rows from a fit
+            new = [x for x in label_map.labels if active_map is None or x not in active_map.labels]
+            if new:
+                self.trainer.fit_head(model, label_map, data.train, only=new)
+        epochs = self.settings.epochs if lora else 0
         report = self.trainer.finetune(model, label_map, data.train, data.negatives, epochs,
                                        desc=f"cycle {self._cycle_no}")
         return model, report
 
     def _scores(self, model, label_map: LabelMap, data: TrainingSet, active_map: LabelMap) -> Scores:
-        known = data.replay_holdout + [r for r in data.holdout if r.label in active_map.labels]
+        # Forgetting: on fresh rows of the labels the live version knew, choosing among those labels
+        # only. Confusions with newly added labels are real errors, but the holdout comparison counts
+        # them; this check asks whether the old labels are still told apart.
+        known = [r for r in data.holdout if r.label in active_map.labels]
         acc = self.trainer.accuracy
-        return Scores(holdout=acc(model, label_map, data.holdout), known=acc(model, label_map, known),
+        return Scores(holdout=acc(model, label_map, data.holdout),
+                      known=acc(model, label_map, known, among=len(active_map)),
                       golden=acc(model, label_map, self._golden), n_holdout=len(data.holdout), n_known=len(known))
 
     def _publish(self, model, label_map: LabelMap, parent: str | None, decision: GateDecision,
@@ -315,7 +327,6 @@ def _without_labels(data: TrainingSet, dropped: set[str]) -> TrainingSet:
         return data
     keep = lambda rows: [r for r in rows if r.label not in dropped]  # noqa: E731
     data.train, data.holdout, data.negatives = keep(data.train), keep(data.holdout), keep(data.negatives)
-    data.replay_holdout = keep(data.replay_holdout)
     return data
 
 

@@ -2,9 +2,10 @@
 
 Order of work in a cycle (river's predict-then-learn): the buffer's new examples are
 **resolved** per request (one verdict per request, see :func:`resolve`), the most recent
-slice is kept aside as the **holdout**, a **replay** sample of past examples is mixed in
-against forgetting, and a slice of the replay sample is kept aside too, so the gate can
-measure forgetting on labels the active version already knew with data it never trained on.
+slice is kept aside as the **holdout**, and a **replay** sample of past examples is mixed in
+against forgetting. Replayed examples are never evaluated on: the live version may have
+trained on them, which would flatter it against the candidate; forgetting is measured on
+the holdout rows of labels the live version already knew (fresh data for both).
 
 Thumbs-down events carry no correct label; they become :class:`Negative` rows (this
 text is *not* the served label) used by the trainer's unlikelihood term.
@@ -61,7 +62,6 @@ class TrainingSet:
     train: list[Labelled] = field(default_factory=list)
     negatives: list[Negative] = field(default_factory=list)
     holdout: list[Labelled] = field(default_factory=list)  # recent new feedback, never trained on
-    replay_holdout: list[Labelled] = field(default_factory=list)  # past examples, never trained on this cycle
     new_rows: int = 0
     replay_rows: int = 0
     stats: ResolveStats = field(default_factory=ResolveStats)
@@ -110,11 +110,7 @@ def resolve(examples: list[Example]) -> tuple[list[Labelled | Negative], Resolve
 
 def build_training_set(new: list[Example], replay: list[Example], holdout_fraction: float,
                        seed: int) -> TrainingSet:
-    """Resolve the new examples, keep the most recent ``holdout_fraction`` aside, add replay.
-
-    The replay sample is split the same way: ``holdout_fraction`` of it (drawn at random,
-    seeded) is kept for the forgetting check, the rest is trained on.
-    """
+    """Resolve the new examples, keep the most recent ``holdout_fraction`` aside, add the replay sample."""
     rows, stats = resolve(new)
     positives = [r for r in rows if isinstance(r, Labelled)]
     negatives = [r for r in rows if isinstance(r, Negative)]
@@ -122,13 +118,11 @@ def build_training_set(new: list[Example], replay: list[Example], holdout_fracti
     cut = len(positives) - n_holdout
     replay_rows = [Labelled(e.text, e.label, e.ts) for e in replay if e.label is not None]
     random.Random(seed).shuffle(replay_rows)
-    n_replay_holdout = int(round(len(replay_rows) * holdout_fraction)) if len(replay_rows) >= 5 else 0
     stamps = [e.ts for e in new] or [0.0]
     return TrainingSet(
-        train=positives[:cut] + replay_rows[n_replay_holdout:],
+        train=positives[:cut] + replay_rows,
         negatives=negatives,
         holdout=positives[cut:],
-        replay_holdout=replay_rows[:n_replay_holdout],
         new_rows=len(positives) + len(negatives),
         replay_rows=len(replay_rows),
         stats=stats,

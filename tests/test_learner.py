@@ -48,15 +48,14 @@ def test_resolve_majority_ties_and_thumbs_down() -> None:
     assert (stats.conflicts_resolved, stats.ambiguous_dropped, stats.negatives) == (1, 1, 1)
 
 
-def test_training_set_keeps_the_most_recent_feedback_and_a_replay_slice_aside() -> None:
+def test_training_set_keeps_the_most_recent_feedback_aside_and_trains_on_replay() -> None:
     new = [_ex(i, f"r{i}", "ab"[i % 2], text=f"new{i}") for i in range(10)]
     replay = [_ex(100 + i, f"p{i}", "c", text=f"old{i}") for i in range(10)]
     data = build_training_set(new, replay, holdout_fraction=0.2, seed=0)
     assert [r.text for r in data.holdout] == ["new8", "new9"]
-    assert len(data.replay_holdout) == 2 and all(r.text.startswith("old") for r in data.replay_holdout)
     trained = {r.text for r in data.train}
-    assert not trained & {r.text for r in data.holdout + data.replay_holdout}
-    assert len(trained) == 16 and data.new_rows == 10 and data.replay_rows == 10
+    assert not trained & {r.text for r in data.holdout}
+    assert len(trained) == 18 and data.new_rows == 10 and data.replay_rows == 10
 
 
 @pytest.mark.parametrize(("candidate", "active", "promote", "why"), [
@@ -146,6 +145,8 @@ def test_an_empty_cycle_trains_nothing(env) -> None:
 def test_poisoned_feedback_is_rejected_by_the_gate(env) -> None:
     learner, buffer, registry, _, first, rng = env
     _feed(buffer, rng, "b" * 60, 0, truth="a")  # every "a" text labelled "b"
+    eager = learner.settings.model_copy(update={"epochs": 5, "head_learning_rate": 0.05})  # learns the poison
+    learner.settings = learner.trainer.settings = eager
     outcome = learner.run_cycle("count")
     assert outcome.outcome == "rejected" and "golden" in outcome.reason
     assert registry.active().version == first
