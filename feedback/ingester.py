@@ -222,30 +222,49 @@ class FeedbackIngester:
         """Try each event once; return those to hold: the early ones and, once the store fails, the rest."""
         if not items:
             return []
-        keep = []
-        for i, item in enumerate(items):
-            try:
-                outcome = self._settle_one(item)
-            except BufferError as e:
-                self._store_failed(e)
-                return keep + items[i:]
-            if outcome == "retry":
+        keep: list[_Held] = []
+        joined: list[tuple[_Held, Example, ServedRequest]] = []
+        try:  # one round trip to read the request log, one to append: not four per event
+            served = self.request_log.get_many([item.event.request_id for item in items])
+        except BufferError as e:
+            self._store_failed(e)
+            return list(items)
+        for item in items:
+            result = self._join(item, served.get(item.event.request_id))
+            if isinstance(result, Retry):
                 keep.append(item)
+            elif isinstance(result, Example):
+                joined.append((item, result, served[item.event.request_id]))
+        try:
+            statuses = self.buffer.append_many([example for _, example, _ in joined])
+        except BufferError as e:  # rejected events are already dead-lettered: hold the rest
+            self._store_failed(e)
+            return keep + [item for item, _, _ in joined]
+        for (item, example, request), status in zip(joined, statuses, strict=True):
+            self._after_append(item, example, request, status)
         if not self._store_ok:
             logger.info("request log and feedback buffer answer again")
         self._down_until, self._backoff, self._store_ok = 0.0, 0.0, True
         return keep
 
+    def _join(self, item: _Held, served: ServedRequest | None) -> Example | Retry | str:
+        """The example to buffer, Retry, or the outcome of dead-lettering a rejected event."""
+        result = join(item.event, served, self.allowed, self.clock(), self.settings.feedback_grace_s,
+                      item.first_seen)
+        return self._reject(item, result) if isinstance(result, Rejection) else result
+
     def _settle_one(self, item: _Held) -> str:
         """Join and buffer one event; returns 'joined', 'duplicate', 'dead_letter' or 'retry'."""
-        event = item.event
-        served = self.request_log.get(event.request_id)
-        result = join(event, served, self.allowed, self.clock(), self.settings.feedback_grace_s, item.first_seen)
+        served = self.request_log.get(item.event.request_id)
+        result = self._join(item, served)
         if isinstance(result, Retry):
             return "retry"
-        if isinstance(result, Rejection):
-            return self._reject(item, result)
-        status = self.buffer.append(result)
+        if not isinstance(result, Example):
+            return result
+        return self._after_append(item, result, served, self.buffer.append(result))
+
+    def _after_append(self, item: _Held, result: Example, served: ServedRequest, status: str) -> str:
+        event = item.event
         if status == "full":
             return self._reject(item, Rejection("buffer_full", f"buffer holds {self.settings.buffer_max} "
                                                 "unacknowledged examples (buffer_trim=reject)"))

@@ -26,6 +26,11 @@ class RequestLog(abc.ABC):
     def get(self, request_id: str) -> ServedRequest | None:
         """The served request, or None when unknown or expired."""
 
+    def get_many(self, request_ids: list[str]) -> dict[str, ServedRequest]:
+        """The known ones among ``request_ids`` (backends override this with one round trip)."""
+        found = {i: self.get(i) for i in dict.fromkeys(request_ids)}
+        return {i: s for i, s in found.items() if s is not None}
+
 
 @dataclass(frozen=True)
 class Claim:
@@ -47,6 +52,10 @@ class FeedbackBuffer(abc.ABC):
     @abc.abstractmethod
     def append(self, example: Example) -> str:
         """Add one example. Returns 'appended', 'duplicate' (event id seen) or 'full' (trim policy reject)."""
+
+    def append_many(self, examples: list[Example]) -> list[str]:
+        """``append`` for each example, in order (backends override this with one round trip)."""
+        return [self.append(e) for e in examples]
 
     @abc.abstractmethod
     def claim(self, consumer: str, max_items: int) -> Claim:

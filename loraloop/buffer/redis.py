@@ -66,6 +66,27 @@ class RedisRequestLog(RequestLog):
         raw = self.client.get(self._key(request_id))
         return ServedRequest.model_validate_json(raw) if raw else None
 
+    @_wrap("request log read")
+    def get_many(self, request_ids: list[str]) -> dict[str, ServedRequest]:
+        ids = list(dict.fromkeys(request_ids))
+        if not ids:
+            return {}
+        raws = self.client.mget([self._key(i) for i in ids])
+        return {i: ServedRequest.model_validate_json(raw) for i, raw in zip(ids, raws, strict=True) if raw}
+
+
+# Dedup (SET NX), bound (reject: forget the id again, so a later retry is not a duplicate; or
+# drop the oldest) and append, as one atomic step: no reader sees the id without the entry.
+_APPEND_LUA = """
+if not redis.call('SET', KEYS[1], 1, 'NX', 'EX', ARGV[1]) then return 'duplicate' end
+if redis.call('XLEN', KEYS[2]) >= tonumber(ARGV[2]) then
+  if ARGV[3] == 'reject' then redis.call('DEL', KEYS[1]); return 'full' end
+  redis.call('XTRIM', KEYS[2], 'MAXLEN', tonumber(ARGV[2]) - 1)
+end
+redis.call('XADD', KEYS[2], '*', 'e', ARGV[4])
+return 'appended'
+"""
+
 
 class RedisFeedbackBuffer(FeedbackBuffer):
     def __init__(self, client, prefix: str, max_items: int, trim: str, replay_per_label: int,
@@ -76,6 +97,7 @@ class RedisFeedbackBuffer(FeedbackBuffer):
         self.stream = f"{prefix}:feedback:stream"
         self._rng = random.Random(seed)
         self._group_ready = False
+        self._append_script = client.register_script(_APPEND_LUA)
 
     def _ensure_group(self) -> None:
         import redis
@@ -91,17 +113,21 @@ class RedisFeedbackBuffer(FeedbackBuffer):
 
     @_wrap("buffer append")
     def append(self, example: Example) -> str:
+        return self.append_many([example])[0]
+
+    @_wrap("buffer append")
+    def append_many(self, examples: list[Example]) -> list[str]:
+        """Dedup, bound and append each example atomically (one script call each), one round trip in all."""
+        if not examples:
+            return []
         self._ensure_group()
-        seen_key = f"{self.prefix}:feedback:seen:{example.event_id}"
-        if not self.client.set(seen_key, 1, nx=True, ex=self.dedup_ttl_s):
-            return "duplicate"
-        if self.client.xlen(self.stream) >= self.max_items:
-            if self.trim == "reject":
-                self.client.delete(seen_key)  # not buffered: a retry later must not count as a duplicate
-                return "full"
-            self.client.xtrim(self.stream, maxlen=self.max_items - 1, approximate=False)
-        self.client.xadd(self.stream, {"e": example.to_bytes()})
-        return "appended"
+        with self.client.pipeline(transaction=False) as pipe:
+            for example in examples:
+                self._append_script(keys=[f"{self.prefix}:feedback:seen:{example.event_id}", self.stream],
+                                    args=[self.dedup_ttl_s, self.max_items, self.trim, example.to_bytes()],
+                                    client=pipe)
+            results = pipe.execute()
+        return [r.decode() if isinstance(r, bytes) else str(r) for r in results]
 
     @_wrap("buffer claim")
     def claim(self, consumer: str, max_items: int) -> Claim:

@@ -128,3 +128,16 @@ def test_redis_restart_between_claim_and_acknowledge(redis_server, redis_url):
     redis_server.restart()
     time.sleep(0.3)
     assert sorted(e.event_id for e in buffer.claim("l2", 10).examples) == sorted(e.event_id for e in lost.examples)
+
+
+def test_batched_append_and_lookup_match_the_single_ones(backend, request):
+    buffer, log = _make(backend, request, max_items=4)
+    batch = [_example(1), _example(2), _example(1), _example(3), _example(4), _example(5)]
+    assert buffer.append_many(batch) == ["appended", "appended", "duplicate", "appended", "appended", "full"]
+    assert buffer.append_many([]) == []
+    assert buffer.append(_example(5)) == "full"  # a refused event is not remembered as seen
+    assert buffer.depth() == 4
+    log.record([ServedRequest(request_id=f"r{i}", text="t", label="a", score=0.5, adapter_version="v1")
+                for i in (1, 2)])
+    assert sorted(log.get_many(["r1", "r2", "r9", "r1"])) == ["r1", "r2"]
+    assert log.get_many([]) == {}
