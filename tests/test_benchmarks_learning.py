@@ -59,6 +59,8 @@ def test_drift_quick_reports_every_system(tmp_path: Path) -> None:
     assert _is_accuracy(poison["poisoned_final_accuracy"]) and _is_accuracy(poison["clean_final_accuracy"])
     assert poison["difference"] == pytest.approx(poison["poisoned_final_accuracy"] - poison["clean_final_accuracy"],
                                                  abs=1e-3)
+    assert isinstance(poison["poisoned"]["poisoned_version_active_at_end"], bool)
+    assert set(poison["poisoned"]["poisoned_versions_promoted"]) <= set(poison["poisoned"]["poisoned_versions"])
     assert (tmp_path / "drift.png").stat().st_size > 10_000
 
 

@@ -1,0 +1,529 @@
+"""The continual-learning scenario: does loraloop learn new labels without forgetting, next to its baselines?
+
+Every system serves the same seeded request stream through the real worker, feedback
+ingester, learner and rollback guard (``loraloop.demo.run.Demo``, embedded transport), in
+three phases (known labels only; half known, half new; all labels), with simulated users
+labelling ``--feedback-fraction`` of the predictions with ``--noise`` label noise. The
+labels are shuffled and the first 60% are *known*: the first adapter is trained offline on
+their training examples. Systems (each runs in a fresh process, so that no in-process
+transport, buffer or registry is shared between them):
+
+* ``loraloop``: the loop as shipped (replay, gate, guard, LoRA + head);
+* ``static``: the first adapter, never updated (``DemoConfig(learn=False)``);
+* ``naive``: the same learner without replay and without the gate;
+* ``head_only``: the same loop with the encoder frozen, only the linear head refitted;
+* ``oracle``: offline, the better of a logistic regression on frozen mean-pooled
+  embeddings and a head fit + one LoRA epoch, both on the whole training file.
+
+Reported per system (JSON with ``--out``): ``final_accuracy``, ``final_accuracy_known``,
+``final_accuracy_new`` on the test file; except for the oracle, ``forgetting`` (known-label
+test accuracy at the end minus after bootstrap) and ``prequential_accuracy`` (live accuracy
+per window of the stream); for the learning systems also ``requests_to_80pct_new``
+(requests after the first new-label request until the rolling new-label live accuracy
+reaches 80% of the final new-label test accuracy), ``promotions``, ``rejections``,
+``rollbacks`` and ``learner_time_s`` (sum of cycle durations). ``--poison`` also runs
+loraloop with a burst of adversarial feedback and compares its final accuracy with the
+clean run. ``--plot`` draws the prequential accuracy of every system with loraloop's
+promotion, rejection and rollback markers.
+
+Example::
+
+    .venv/bin/python benchmarks/drift.py --requests 4000 --out results/drift.json --plot results/drift.png
+    .venv/bin/python benchmarks/drift.py --quick --out /tmp/drift_quick.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import multiprocessing
+import random
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+from _common import machine, print_table, write_json
+
+logger = logging.getLogger("benchmarks.drift")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "banking77"
+LIVE_SYSTEMS = ("loraloop", "static", "naive", "head_only")
+SYSTEMS = (*LIVE_SYSTEMS, "oracle")
+# Settings each live system changes; everything else is the shipped default (or the demo's).
+SYSTEM_SETTINGS: dict[str, dict[str, object]] = {
+    "loraloop": {}, "static": {}, "naive": {"replay_ratio": 0.0, "gate_enabled": False},
+    "head_only": {"learner_mode": "head_only"}}
+QUICK_SETTINGS = {"cycle_min_feedback": 40, "epochs": 1, "guard_min_judged": 20, "guard_window_s": 5.0}
+NEW_LABEL_WINDOW = 50  # new-label requests in the rolling accuracy of requests_to_80pct_new
+
+
+# --- pure figures -----------------------------------------------------------------------------
+def window_means(values: Sequence[bool], n_windows: int) -> list[float]:
+    """Mean of ``values`` over ``n_windows`` consecutive equal windows (the last one takes the rest).
+
+    Example:
+        >>> window_means([1, 1, 0, 0, 1, 0], 3)
+        [1.0, 0.0, 0.5]
+    """
+    if not values:
+        return []
+    n_windows = max(1, min(n_windows, len(values)))
+    size = len(values) // n_windows
+    bounds = [i * size for i in range(n_windows)] + [len(values)]
+    return [round(sum(values[a:b]) / (b - a), 4) for a, b in zip(bounds, bounds[1:], strict=False)]
+
+
+def requests_to_fraction(correct: Sequence[bool], is_new: Sequence[bool], target: float, fraction: float = 0.8,
+                         window: int = NEW_LABEL_WINDOW) -> int | None:
+    """Requests from the first new-label request until the rolling new-label accuracy reaches ``fraction * target``.
+
+    The rolling accuracy is the mean over the last ``window`` new-label requests (fewer
+    when the stream has few: a quarter of them); it is read only once the window is full.
+    None when there is no new-label request, the target is 0, or the level is never reached.
+
+    Example:
+        >>> requests_to_fraction([0, 1, 0, 0, 1, 1, 1, 1, 1], [False] + [True] * 8, 1.0, 0.8, window=2)
+        4
+    """
+    idx = [i for i, new in enumerate(is_new) if new]
+    if not idx or target <= 0:
+        return None
+    w = max(1, min(window, len(idx) // 4))
+    total = 0.0
+    for k, i in enumerate(idx):
+        total += correct[i]
+        if k >= w:
+            total -= correct[idx[k - w]]
+        if k + 1 >= w and total / w >= fraction * target - 1e-12:
+            return i - idx[0]
+    return None
+
+
+def split_accuracy(predicted: Sequence[str], truth: Sequence[str], known: set[str]) -> dict[str, float]:
+    """Accuracy over all rows, rows of known labels and rows of new labels.
+
+    Example:
+        >>> split_accuracy(["a", "b", "c", "c"], ["a", "b", "b", "c"], {"a", "b"})
+        {'final_accuracy': 0.75, 'final_accuracy_known': 0.6667, 'final_accuracy_new': 1.0}
+    """
+    def acc(rows: list[tuple[str, str]]) -> float:
+        return round(sum(p == t for p, t in rows) / len(rows), 4) if rows else 0.0
+
+    pairs = list(zip(predicted, truth, strict=True))
+    return {"final_accuracy": acc(pairs), "final_accuracy_known": acc([r for r in pairs if r[1] in known]),
+            "final_accuracy_new": acc([r for r in pairs if r[1] not in known])}
+
+
+# --- one system, in its own process ------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """What a child process needs to run one system (picklable)."""
+
+    system: str
+    train: str
+    test: str
+    text_column: str
+    label_column: str
+    requests: int
+    rate: float
+    feedback_fraction: float
+    noise: float
+    seed: int
+    out: str
+    settings: dict
+    windows: int = 20
+    poison: bool = False
+    oracle_finetune: bool = True
+    threads: int = 0
+    bootstrap_per_label: int = 40
+    max_test: int = 10**9
+
+
+def _settings(job: Job):
+    from loraloop.settings import Settings
+
+    return Settings(**{**job.settings, **SYSTEM_SETTINGS.get(job.system, {}), "seed": job.seed})
+
+
+def poisoned_versions(cycles: list[dict], start: float, end: float) -> set[str]:
+    """Versions trained on feedback given within [start, end] (unix time), or descended from one.
+
+    Example:
+        >>> cycles = [{"version": "v2", "parent": "v1", "window": [10, 20]},
+        ...           {"version": "v3", "parent": "v2", "window": [30, 40]},
+        ...           {"version": "v4", "parent": "v1", "window": [50, 60]}]
+        >>> sorted(poisoned_versions(cycles, 15, 25))
+        ['v2', 'v3']
+    """
+    out: set[str] = set()
+    for cycle in cycles:
+        version, (low, high) = cycle.get("version"), cycle.get("window") or (0.0, 0.0)
+        if version and ((low <= end and high >= start) or cycle.get("parent") in out):
+            out.add(version)
+    return out
+
+
+def _demo_class():
+    from loraloop.demo.run import Demo
+
+    class TimedDemo(Demo):
+        """The demo, noting when each prediction was judged (to date the poisoned feedback)."""
+
+        judged_at: list[float]
+
+        def _judge(self, *args, **kwargs) -> None:
+            before = len(self.observed.correct)
+            super()._judge(*args, **kwargs)
+            if len(self.observed.correct) > before:
+                self.judged_at = getattr(self, "judged_at", [])
+                self.judged_at.append(time.time())
+
+    return TimedDemo
+
+
+def _poison_report(demo, job: Job, cycles: list[dict], final: str | None) -> dict:
+    """Which versions learned from the adversarial burst, and whether one is active at the end."""
+    n, share = len(demo.judged_at), demo.config.poison_share
+    first, last = int(job.requests * 0.55), min(n, int(job.requests * 0.55 + job.requests * share)) - 1
+    if n == 0 or first > last:
+        return {"poisoned_versions": [], "poisoned_versions_promoted": [], "poisoned_version_active_at_end": False}
+    bad = poisoned_versions(cycles, demo.judged_at[first], demo.judged_at[last])
+    promoted = [c["version"] for c in cycles if c.get("outcome") == "promoted" and c.get("version") in bad]
+    return {"poisoned_versions": sorted(bad), "poisoned_versions_promoted": promoted,
+            "poisoned_version_active_at_end": final in bad}
+
+
+def run_live(job: Job) -> dict:
+    """Run one live system through ``Demo``; return its figures plus the per-request trace for the plot."""
+    import torch
+
+    from loraloop.demo.run import DemoConfig
+
+    if job.threads:
+        torch.set_num_threads(job.threads)
+    config = DemoConfig(out=Path(job.out), dataset=job.train, test_dataset=job.test, text_column=job.text_column,
+                        label_column=job.label_column, requests=job.requests, rate=job.rate,
+                        feedback_fraction=job.feedback_fraction, noise=job.noise, max_test=job.max_test,
+                        bootstrap_per_label=job.bootstrap_per_label, poison=job.poison, seed=job.seed,
+                        learn=job.system != "static", pace_with_learner=True)
+    demo = _demo_class()(_settings(job), config)
+    summary = demo.run()
+    obs = demo.observed
+    cycles = [c for c in demo.registry.cycles() if c.get("outcome") != "empty"]
+    known_initial, known_final = summary["old_label_accuracy_initial"], summary["old_label_accuracy_final"]
+    result = {
+        "final_accuracy": summary["accuracy_final"], "final_accuracy_known": known_final,
+        "final_accuracy_new": summary["new_label_accuracy_final"],
+        "initial_accuracy": summary["accuracy_initial"], "initial_accuracy_known": known_initial,
+        "forgetting": round(known_final - known_initial, 4),
+        "prequential_accuracy": window_means(obs.correct, job.windows),
+        "prequential_window": max(1, len(obs.correct) // max(1, job.windows)),
+        "live_accuracy": summary["live_accuracy"], "requests": summary["requests"],
+        "feedback_events": summary["feedback_events"], "duration_s": summary["duration_s"],
+        "final_version": summary["final_version"],
+    }
+    if job.system != "static":
+        result.update({
+            "requests_to_80pct_new": requests_to_fraction(obs.correct, obs.is_new, summary["new_label_accuracy_final"]),
+            "promotions": summary["promotions"], "rejections": summary["rejections"], "rollbacks": summary["rollbacks"],
+            "cycles": len(cycles),
+            "learner_time_s": round(sum(sum((c.get("timings") or {}).values()) for c in cycles), 2),
+        })
+    if job.poison:
+        result.update(_poison_report(demo, job, cycles, summary["final_version"]))
+    trace = {"correct": [bool(c) for c in obs.correct], "is_new": list(obs.is_new), "phases": list(obs.phases),
+             "events": [list(e) for e in demo.events]}
+    return {"result": result, "trace": trace, "labels": (summary["known_labels"], summary["new_labels"])}
+
+
+def run_oracle(job: Job) -> dict:
+    """The offline oracle: the better of LR on frozen embeddings and head fit + 1 LoRA epoch, on the whole train file."""
+    import torch
+    from _oracle import embed
+    from sklearn.linear_model import LogisticRegression
+
+    from learner.dataset import Labelled
+    from learner.train import Trainer, seed_everything
+    from loraloop.demo.data import load_csv
+    from loraloop.demo.scenario import DriftPlan
+    from loraloop.model import LabelMap
+
+    if job.threads:
+        torch.set_num_threads(job.threads)
+    settings = _settings(job)
+    train = list(dict(load_csv(job.train, job.text_column, job.label_column)).items())
+    test = load_csv(job.test, job.text_column, job.label_column)
+    random.Random(job.seed).shuffle(test)  # the test rows Demo evaluates on: the same shuffle and cut
+    test = test[:job.max_test]
+    labels = sorted({label for _, label in train})
+    known = set(DriftPlan.split(labels, 0.6, job.seed).known)
+    truth = [label for _, label in test]
+    candidates: dict[str, dict] = {}
+
+    started = time.perf_counter()
+    x_train, x_test = embed(settings, [t for t, _ in train]), embed(settings, [t for t, _ in test])
+    clf = LogisticRegression(max_iter=2000, C=10.0).fit(x_train, [label for _, label in train])
+    candidates["logistic_regression"] = {**split_accuracy(list(clf.predict(x_test)), truth, known),
+                                         "seconds": round(time.perf_counter() - started, 1)}
+    if job.oracle_finetune:
+        started = time.perf_counter()
+        seed_everything(job.seed)
+        settings = settings.model_copy(update={"label_capacity": max(settings.label_capacity, len(labels))})
+        trainer = Trainer(settings, show_progress=False)
+        model, label_map = trainer.model_for(None, trainable=True), LabelMap(tuple(labels))
+        rows = [Labelled(t, y) for t, y in train]
+        trainer.fit_head(model, label_map, rows)
+        trainer.finetune(model, label_map, rows, [], epochs=1)
+        predicted = [label_map.labels[i] for i in trainer.predict(model, [t for t, _ in test], len(label_map))]
+        candidates["lora_finetune"] = {**split_accuracy(predicted, truth, known),
+                                       "seconds": round(time.perf_counter() - started, 1)}
+    best = max(candidates, key=lambda name: candidates[name]["final_accuracy"])
+    return {"result": {**{k: v for k, v in candidates[best].items() if k != "seconds"}, "method": best,
+                       "candidates": candidates}}
+
+
+# Imported once by the fork server, so that each system's fresh process starts in a second, not in ten.
+PRELOAD = ["torch", "transformers", "peft", "sklearn.linear_model", "loraloop.demo.run", "services.worker",
+           "feedback.ingester", "learner.cycle"]
+
+
+def _in_fresh_process(fn, job: Job) -> dict:
+    """Run ``fn(job)`` in a fresh process (in-process transports and buffers are process-wide singletons).
+
+    The process is forked from a fork server that imported the heavy modules and ran nothing else.
+    """
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(PRELOAD)
+    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        return pool.submit(fn, job).result()
+
+
+# --- data ----------------------------------------------------------------------------------------
+def quick_data(folder: Path, seed: int) -> tuple[Path, Path]:
+    """A small synthetic train/test pair (``loraloop.demo.data.generate_intents``) as text,label CSVs."""
+    import csv
+
+    from loraloop.demo.data import generate_intents
+
+    paths = []
+    for name, per_label, offset in (("train.csv", 60, 0), ("test.csv", 15, 1)):
+        path = folder / name
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(["text", "label"])
+            writer.writerows(generate_intents(per_label=per_label, seed=seed + offset))
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+# --- output --------------------------------------------------------------------------------------
+def plot(path: Path, traces: dict[str, dict], oracle: float | None, window: int, title: str,
+         quiet: bool = False) -> None:
+    """Rolling prequential accuracy of every system, loraloop's promotions/rejections/rollbacks marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from loraloop.demo.scenario import rolling
+
+    colors = {"loraloop": "black", "static": "tab:grey", "naive": "tab:orange", "head_only": "tab:blue",
+              "loraloop_poisoned": "tab:red"}
+    fig, ax = plt.subplots(figsize=(11, 5.5), dpi=110)
+    for name, trace in traces.items():
+        values = [float(c) for c in trace["correct"]]
+        ax.plot(range(len(values)), rolling(values, window), lw=2 if name == "loraloop" else 1.2,
+                color=colors.get(name), label=name)
+    if oracle is not None:
+        ax.axhline(oracle, color="tab:green", ls="--", lw=1, label=f"offline oracle (test) {oracle:.3f}")
+    phases = next(iter(traces.values()))["phases"] if traces else []
+    for phase in (1, 2):
+        if phase in phases:
+            ax.axvline(phases.index(phase), color="grey", ls=":", lw=1)
+    style = {"promoted": ("tab:green", "^", "loraloop promotion"), "rejected": ("tab:orange", "x", "rejected by gate"),
+             "rolled_back": ("tab:red", "v", "rolled back by guard")}
+    seen: set[str] = set()
+    for index, kind, _ in traces.get("loraloop", {}).get("events", []):
+        color, marker, name = style.get(kind, ("grey", "o", kind))
+        ax.plot([index], [0.03], marker=marker, color=color, ms=9, ls="none", label=None if kind in seen else name)
+        seen.add(kind)
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("request (arrival order)")
+    ax.set_ylabel(f"live accuracy (rolling {window})")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    if not quiet:
+        print(f"wrote {path}")
+
+
+def print_results(results: dict[str, dict]) -> None:
+    columns = ["system", "final_accuracy", "final_accuracy_known", "final_accuracy_new", "forgetting",
+               "requests_to_80pct_new", "promotions", "rejections", "rollbacks", "learner_time_s", "live_accuracy"]
+    rows = [{"system": name, **figures} for name, figures in results.items()]
+    print_table(rows, columns, title="drift scenario: test accuracy at the end, and the loop's activity")
+
+
+# --- main ----------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--train", type=Path, default=DEFAULT_DATA / "train.csv", help="Training CSV (the stream).")
+    parser.add_argument("--test", type=Path, default=DEFAULT_DATA / "test.csv", help="Test CSV (final accuracy).")
+    parser.add_argument("--text-column", default="text", help="Text column of both CSVs (default: text).")
+    parser.add_argument("--label-column", default="category", help="Label column of both CSVs (default: category).")
+    parser.add_argument("--requests", type=int, default=4000, help="Requests in the stream (default: 4000).")
+    parser.add_argument("--rate", type=float, default=25.0, help="Requests per second sent (default: 25).")
+    parser.add_argument("--feedback-fraction", type=float, default=0.5, help="Share of predictions users judge.")
+    parser.add_argument("--noise", type=float, default=0.05, help="Share of user labels that are wrong.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the scenario and of training.")
+    parser.add_argument("--poison", action="store_true",
+                        help="Also run loraloop with a burst of adversarial feedback and compare with the clean run.")
+    parser.add_argument("--systems", default=",".join(SYSTEMS), help="Comma-separated subset of " + ",".join(SYSTEMS))
+    parser.add_argument("--bootstrap-per-label", type=int, default=40,
+                        help="Training examples per known label of the first adapter (default: 40).")
+    parser.add_argument("--max-test", type=int, default=10**9,
+                        help="Evaluate on at most this many test rows (a seeded shuffle; default: all).")
+    parser.add_argument("--windows", type=int, default=20, help="Windows of the prequential accuracy list.")
+    parser.add_argument("--quick", action="store_true",
+                        help="CI size: synthetic data, a tiny random base model, a few hundred requests.")
+    parser.add_argument("--out", type=Path, help="Write the results as JSON to this file.")
+    parser.add_argument("--plot", type=Path, help="Write the prequential accuracy plot (PNG) to this file.")
+    parser.add_argument("--device", default="cpu", help="Torch device of worker and learner (default: cpu).")
+    parser.add_argument("--base-model", default="", help="Base model (default: bundled MiniLM; tiny with --quick).")
+    parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads per system (0: torch default).")
+    parser.add_argument("--no-oracle-finetune", action="store_true",
+                        help="Oracle: logistic regression only (the LoRA epoch on the whole file is skipped).")
+    args = parser.parse_args(argv)
+    args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    unknown = sorted(set(args.systems) - set(SYSTEMS))
+    if unknown:
+        parser.error(f"unknown system(s) {unknown}; choose from {list(SYSTEMS)}")
+    return args
+
+
+def _setup(args: argparse.Namespace, tmp: Path) -> dict[str, object]:
+    """Data files, base model and settings of the run (quick: synthetic data and a tiny base)."""
+    settings: dict[str, object] = {"device": args.device}
+    if args.quick or not (args.train.exists() and args.test.exists()):
+        if not args.quick:
+            raise SystemExit(f"{args.train} or {args.test} not found (use --train/--test, or --quick)")
+        args.train, args.test = quick_data(tmp, args.seed)
+        args.text_column, args.label_column = "text", "label"
+        if args.requests == parse_args([]).requests:
+            args.requests = 240
+        args.rate = max(args.rate, 60.0)
+        args.no_oracle_finetune = True
+        args.threads = args.threads or 1  # a tiny model: more threads only contend
+        settings.update(QUICK_SETTINGS)
+    if args.base_model:
+        settings["base_model"] = args.base_model
+    elif args.quick:
+        from loraloop.testing import save_tiny_base_model
+
+        settings["base_model"] = str(save_tiny_base_model(tmp / "tiny-base"))
+    return settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="loraloop-drift-") as tmp_name:
+        tmp = Path(tmp_name)
+        settings = _setup(args, tmp)
+
+        def job(system: str, **extra: object) -> Job:
+            return Job(system=system, train=str(args.train), test=str(args.test), text_column=args.text_column,
+                       label_column=args.label_column, requests=args.requests, rate=args.rate,
+                       feedback_fraction=args.feedback_fraction, noise=args.noise, seed=args.seed,
+                       out=str(tmp / system), settings=settings, windows=args.windows, threads=args.threads,
+                       oracle_finetune=not args.no_oracle_finetune, bootstrap_per_label=args.bootstrap_per_label,
+                       max_test=args.max_test, **extra)
+
+        run = Run(args, settings, started)
+        live = [s for s in LIVE_SYSTEMS if s in args.systems or (s == "loraloop" and args.poison)]
+        for system in live:
+            print(f"\n=== {system} ({args.requests} requests) ===", flush=True)
+            t0 = time.monotonic()
+            out = _in_fresh_process(run_live, job(system))
+            run.results[system], run.traces[system], run.labels = out["result"], out["trace"], out["labels"]
+            print(f"=== {system}: done in {time.monotonic() - t0:.0f} s, test accuracy "
+                  f"{run.results[system]['final_accuracy']:.3f}", flush=True)
+            run.save(quiet=True)  # a run stopped midway keeps the systems done so far
+        if args.poison:
+            print("\n=== loraloop_poisoned ===", flush=True)
+            poisoned_job = dataclasses.replace(job("loraloop", poison=True), out=str(tmp / "loraloop_poisoned"))
+            out = _in_fresh_process(run_live, poisoned_job)
+            run.traces["loraloop_poisoned"] = out["trace"]
+            clean, poisoned = run.results["loraloop"]["final_accuracy"], out["result"]["final_accuracy"]
+            run.poison = {"clean_final_accuracy": clean, "poisoned_final_accuracy": poisoned,
+                          "difference": round(poisoned - clean, 4), "poisoned": out["result"]}
+            if "loraloop" not in args.systems:
+                run.results.pop("loraloop")
+        if "oracle" in args.systems:
+            print("\n=== oracle (offline, whole training file) ===", flush=True)
+            run.results["oracle"] = _in_fresh_process(run_oracle, job("oracle"))["result"]
+        run.report()
+    return 0
+
+
+class Run:
+    """Figures gathered so far, and how they are written out."""
+
+    def __init__(self, args: argparse.Namespace, settings: dict, started: float) -> None:
+        self.args, self.settings, self.started = args, settings, started
+        self.results: dict[str, dict] = {}
+        self.traces: dict[str, dict] = {}
+        self.labels: tuple[list[str], list[str]] = ([], [])
+        self.poison: dict | None = None
+
+    def data(self) -> dict:
+        args = self.args
+        config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+        config.update({"settings": self.settings, "system_settings": SYSTEM_SETTINGS,
+                       "known_labels": len(self.labels[0]), "new_labels": len(self.labels[1]),
+                       "duration_s": round(time.monotonic() - self.started, 1)})
+        if args.quick:
+            config["train"] = config["test"] = "(synthetic, generated by loraloop.demo.data.generate_intents)"
+        data = {**self.results, "config": config, "machine": machine()}
+        if self.poison:
+            data["poison"] = self.poison
+        return data
+
+    def save(self, quiet: bool = False) -> None:
+        if self.args.out is not None and quiet:
+            self.args.out.parent.mkdir(parents=True, exist_ok=True)
+            self.args.out.write_text(json.dumps(self.data(), indent=2, sort_keys=True, default=str) + "\n")
+        elif self.args.out is not None:
+            write_json(self.args.out, self.data())
+        if self.args.plot and self.traces:
+            oracle = self.results.get("oracle", {}).get("final_accuracy")
+            plot(self.args.plot, self.traces, oracle, window=max(20, self.args.requests // 20),
+                 title=f"drift: {len(self.labels[0])} known + {len(self.labels[1])} new labels, "
+                       f"{self.args.requests} requests", quiet=quiet)
+
+    def report(self) -> None:
+        print_results(self.results)
+        poison = self.poison
+        if poison:
+            print(f"\npoison: final accuracy clean {poison['clean_final_accuracy']:.4f}, poisoned "
+                  f"{poison['poisoned_final_accuracy']:.4f} (difference {poison['difference']:+.4f}); poisoned run: "
+                  f"{poison['poisoned']['promotions']} promotions, {poison['poisoned']['rejections']} rejections, "
+                  f"{poison['poisoned']['rollbacks']} rollbacks; versions trained on poisoned feedback: "
+                  f"{poison['poisoned']['poisoned_versions']}, one active at the end: "
+                  f"{poison['poisoned']['poisoned_version_active_at_end']}")
+        self.save()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
