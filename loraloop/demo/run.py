@@ -158,6 +158,7 @@ class Demo:
             t.start()
         stream = plan.stream(train, cfg.requests, cfg.seed)
         events = self.events = self._serve(stream, plan, labels)
+        self._drain_feedback()
         self.stop.set()
         for t in threads:
             t.join(timeout=900 if t.name == "learner" else 120)  # let a running cycle finish
@@ -170,6 +171,18 @@ class Demo:
                       events, window=max(50, cfg.requests // 15),
                       title=f"loraloop demo: {len(plan.known)} known + {len(plan.new)} new intents")
         return summary
+
+    def _drain_feedback(self, timeout_s: float = 60.0) -> None:
+        """Give the ingester time to settle every event the users sent before everything stops."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            settled = sum(s.value for m in self.metrics.registry.collect() for s in m.samples
+                          if s.name == "loraloop_feedback_events_total")
+            if settled >= self.observed.feedback_events:
+                return
+            time.sleep(0.1)
+        logger.warning("the ingester had not settled all %d feedback events after %.0f s",
+                       self.observed.feedback_events, timeout_s)
 
     def _bootstrap_rows(self, train: list[tuple[str, str]], plan: DriftPlan) -> list[tuple[str, str]]:
         per: dict[str, int] = {}
