@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
 import threading
 
 from loraloop import __version__
 from loraloop.cli import command
 from loraloop.metrics import Metrics, serve_http
+from loraloop.runtime import stop_on_signals
 from loraloop.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -33,17 +33,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     send.add_argument("--label", default=None, help="The correct label (kind label only).")
 
 
-def _install_signal_handlers(stop: threading.Event) -> None:
-    def handle(signum: int, _frame: object) -> None:
-        if stop.is_set():  # second signal: stop waiting
-            raise KeyboardInterrupt
-        logger.info("%s received: committing and stopping", signal.Signals(signum).name)
-        stop.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, handle)
-
-
 def run_ingester(args: argparse.Namespace, settings: Settings) -> int:
     """Build the ingester from settings and run it until a stop signal."""
     from feedback.http import serve_feedback
@@ -52,7 +41,7 @@ def run_ingester(args: argparse.Namespace, settings: Settings) -> int:
     metrics = Metrics()
     metrics.build.info({"version": __version__, "role": "ingester"})
     stop = threading.Event()
-    _install_signal_handlers(stop)
+    stop_on_signals(stop, logger, "committing and stopping")
     ingester = build_ingester(settings, metrics=metrics)
     closers = []
     if settings.metrics_port:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from feedback.join import Rejection, Retry, join, judgement, paired_judgement, parse_allowed
 from loraloop.buffer import BufferError, FeedbackBuffer, RequestLog, make_feedback_buffer, make_request_log
 from loraloop.metrics import Metrics
+from loraloop.runtime import RateLimitedLog, close_quietly
 from loraloop.schemas import (
     DeadLetter,
     Example,
@@ -54,24 +55,6 @@ BACKOFF_S = (0.1, 2.0)  # first and longest wait after the request log or buffer
 DELIVERY_TIMEOUT_S = 30.0
 DEPTH_EVERY_S = 5.0
 PING_CACHE_S = 2.0
-LOG_EVERY_S = 30.0
-
-
-class _RateLimitedLog:
-    """One log line per ``every_s`` seconds at most, with the count of suppressed ones."""
-
-    def __init__(self, every_s: float) -> None:
-        self.every_s, self._last, self._suppressed = every_s, -float("inf"), 0
-
-    def __call__(self, level: int, msg: str, *args: object) -> None:
-        now = time.monotonic()
-        if now - self._last < self.every_s:
-            self._suppressed += 1
-            return
-        if self._suppressed:
-            msg += f" ({self._suppressed} similar messages suppressed)"
-        self._last, self._suppressed = now, 0
-        logger.log(level, msg, *args)
 
 
 @dataclass
@@ -113,8 +96,8 @@ class FeedbackIngester:
         self._ping: tuple[float, bool] = (-float("inf"), False)
         self._stop: threading.Event | None = None
         self._closing = threading.Event()
-        self._store_errors = _RateLimitedLog(LOG_EVERY_S)
-        self._transport_errors = _RateLimitedLog(LOG_EVERY_S)
+        self._store_errors = RateLimitedLog(logger)
+        self._transport_errors = RateLimitedLog(logger)
 
     # --- status ------------------------------------------------------------------------
     def ready(self) -> bool:
@@ -399,13 +382,7 @@ class FeedbackIngester:
             consumer, producer = self._consumer, self._producer
             self._consumer = self._producer = None
         self._held, self._unacked, self._open, self._committed = [], [], {}, {}
-        for client in (consumer, producer):
-            if client is None:
-                continue
-            try:
-                client.close()
-            except Exception:  # closing a broken client must not stop the ingester
-                logger.debug("closing a client failed", exc_info=True)
+        close_quietly((consumer, producer), logger)
 
     def close(self) -> None:
         """Commit what is resolved, then leave the group; held events are read again by the next owner."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import csv
 import logging
-import signal
 import threading
 import time
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 from loraloop import __version__
 from loraloop.cli import command
 from loraloop.metrics import Metrics, serve_http
+from loraloop.runtime import stop_on_signals
 from loraloop.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -63,15 +63,7 @@ def _run_learner(args: argparse.Namespace, settings: Settings) -> int:
         print(outcome.outcome, outcome.version or "", outcome.reason, flush=True)
         return 1 if outcome.outcome == "failed" else 0
     stop = threading.Event()
-
-    def handle(signum: int, _frame: object) -> None:
-        if stop.is_set():
-            raise KeyboardInterrupt
-        logger.info("%s received: the learner stops after the current cycle", signal.Signals(signum).name)
-        stop.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, handle)
+    stop_on_signals(stop, logger, "the learner stops after the current cycle")
     server = serve_http(metrics.registry, settings.metrics_port, ready=learner.ready) if settings.metrics_port else None
     logger.info("learner up: registry %s, cycle every %.0fs or %d new examples", settings.registry_url,
                 settings.cycle_interval_s, settings.cycle_min_feedback)

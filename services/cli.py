@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import threading
 
 from loraloop import __version__
 from loraloop.cli import command
 from loraloop.metrics import Metrics, serve_http
+from loraloop.runtime import stop_on_signals
 from loraloop.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -27,17 +27,6 @@ def register_worker(subparsers: argparse._SubParsersAction) -> None:
             help="Serve predictions: consume the requests topic, run the active adapter, produce predictions.")
 
 
-def _install_signal_handlers(stop: threading.Event) -> None:
-    def handle(signum: int, _frame: object) -> None:
-        if stop.is_set():  # second signal: stop waiting for the batch
-            raise KeyboardInterrupt
-        logger.info("%s received: finishing the current batch", signal.Signals(signum).name)
-        stop.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, handle)
-
-
 def run_worker(args: argparse.Namespace, settings: Settings) -> int:
     """Build the worker from settings and serve until a stop signal."""
     from services.worker import build_worker
@@ -45,7 +34,7 @@ def run_worker(args: argparse.Namespace, settings: Settings) -> int:
     metrics = Metrics()
     metrics.build.info({"version": __version__, "role": "worker"})
     stop = threading.Event()
-    _install_signal_handlers(stop)
+    stop_on_signals(stop, logger, "finishing the current batch")
     worker = build_worker(settings, metrics=metrics)
     server = serve_http(metrics.registry, settings.metrics_port, ready=worker.ready) if settings.metrics_port else None
     logger.info("worker up: group %s, topic %s -> %s, registry %s", settings.worker_group,

@@ -43,6 +43,7 @@ import torch
 from loraloop.buffer import RequestLog, make_request_log
 from loraloop.metrics import Metrics
 from loraloop.registry import AdapterRegistry, make_registry
+from loraloop.runtime import RateLimitedLog, close_quietly
 from loraloop.schemas import (
     DeadLetter,
     InvalidMessage,
@@ -75,7 +76,6 @@ LAG_EVERY_S = 5.0  # a Kafka lag lookup is a few round trips on the inference th
 PING_CACHE_S = 2.0
 WATCH_TIMEOUT_S = 0.5  # longest block on the registry pointer: bounds how long close() waits for the watcher
 REQUEST_LOG_BACKOFF_S = 1.0  # after a failed write, skip the request log this long (do not slow every batch)
-LOG_EVERY_S = 30.0  # rate limit of repeated error lines
 # Fixed cost of one forward pass, in padded tokens, for splitting a batch by length (services.batching).
 # Measured for MiniLM on a CPU core: ~4.7 ms per call vs ~0.11 ms per token, i.e. ~40 tokens.
 CHUNK_OVERHEAD_TOKENS = 40.0
@@ -94,25 +94,6 @@ class _Outcome:
     label: str
     score: float
     top_k: list[TopLabel]
-
-
-class _RateLimitedLog:
-    """One log line per ``every_s`` seconds at most, with the count of suppressed ones."""
-
-    def __init__(self, every_s: float) -> None:
-        self.every_s = every_s
-        self._last = -float("inf")
-        self._suppressed = 0
-
-    def __call__(self, level: int, msg: str, *args: object) -> None:
-        now = time.monotonic()
-        if now - self._last < self.every_s:
-            self._suppressed += 1
-            return
-        if self._suppressed:
-            msg += f" ({self._suppressed} similar messages suppressed)"
-        self._last, self._suppressed = now, 0
-        logger.log(level, msg, *args)
 
 
 class InferenceWorker:
@@ -162,8 +143,8 @@ class InferenceWorker:
         self._lag_labels: set[tuple[str, str]] = set()
         self._ping: tuple[float, bool] = (-float("inf"), False)
         self._log_down_until = 0.0
-        self._log_errors = _RateLimitedLog(LOG_EVERY_S)
-        self._transport_errors = _RateLimitedLog(LOG_EVERY_S)
+        self._log_errors = RateLimitedLog(logger)
+        self._transport_errors = RateLimitedLog(logger)
 
     # --- status ------------------------------------------------------------------------
     @property
@@ -508,13 +489,7 @@ class InferenceWorker:
         """Drop both clients; the next batch rejoins the group from the committed offsets."""
         consumer, producer = self._consumer, self._producer
         self._consumer = self._producer = None
-        for client in (consumer, producer):
-            if client is None:
-                continue
-            try:
-                client.close()
-            except Exception:  # closing a broken client must not stop the worker
-                logger.debug("closing a client failed", exc_info=True)
+        close_quietly((consumer, producer), logger)
 
     def close(self) -> None:
         """Leave the group (partitions go to the other workers), flush, stop the watcher."""
