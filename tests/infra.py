@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.error
 import urllib.request
 import weakref
 from collections.abc import Callable
@@ -275,3 +276,14 @@ class PrometheusServer(_Process):
                      f"--storage.tsdb.path={self.workdir / 'tsdb'}", f"--web.listen-address=127.0.0.1:{self.port}"])
         self.wait_until(lambda: urllib.request.urlopen(f"{self.url}/-/ready", timeout=1).status == 200, 60,
                         f"prometheus on port {self.port}")
+
+
+def http_status(url: str) -> int:
+    """HTTP status of a GET (0 when nothing answers): probes of /healthz and /readyz."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except OSError:
+        return 0

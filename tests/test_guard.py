@@ -33,7 +33,7 @@ from services.guard_sources import (
     share_below,
     to_stats,
 )
-from tests.infra import free_port
+from tests.infra import free_port, http_status
 
 T = Settings(guard_window_s=60, guard_min_judged=50, guard_alpha=0.01, guard_max_p99_ratio=1.5,
              guard_max_low_confidence_increase=0.2, guard_max_dead_letter_increase=0.05)
@@ -296,14 +296,6 @@ def test_promotion_of_reads_the_pointer_history() -> None:
 
 
 # --- the command --------------------------------------------------------------------------------
-def _http_status(url: str) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as r:
-            return r.status
-    except urllib.error.HTTPError as e:
-        return e.code
-    except OSError:
-        return 0
 
 
 def test_guard_command_needs_prometheus(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
@@ -322,11 +314,11 @@ def test_guard_command_serves_health_and_stops_on_sigterm(tmp_path: Path) -> Non
                              str(tmp_path / "registry")], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 60
-        while _http_status(f"http://127.0.0.1:{port}/healthz") != 200:
+        while http_status(f"http://127.0.0.1:{port}/healthz") != 200:
             assert proc.poll() is None, proc.communicate()[0].decode()
             assert time.monotonic() < deadline, "guard did not serve /healthz within 60 s"
             time.sleep(0.2)
-        assert _http_status(f"http://127.0.0.1:{port}/readyz") == 503
+        assert http_status(f"http://127.0.0.1:{port}/readyz") == 503
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
             assert b'loraloop_build_info{role="guard"' in r.read()
         proc.send_signal(signal.SIGTERM)

@@ -14,7 +14,7 @@ from pathlib import Path
 from loraloop.cli import build_parser
 from loraloop.settings import Settings
 from loraloop.testing import save_tiny_base_model
-from tests.infra import free_port
+from tests.infra import free_port, http_status
 
 
 def test_help_lists_every_setting() -> None:
@@ -26,12 +26,6 @@ def test_help_lists_every_setting() -> None:
     assert "--metrics-port" in text and "--max-batch" in text
 
 
-def _get(url: str) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as r:
-            return r.status
-    except urllib.error.HTTPError as e:
-        return e.code
 
 
 def test_probes_and_graceful_sigterm(tmp_path: Path) -> None:
@@ -46,13 +40,12 @@ def test_probes_and_graceful_sigterm(tmp_path: Path) -> None:
         deadline = time.monotonic() + 60
         health = None
         while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                health = _get(f"http://127.0.0.1:{port}/healthz")
+            health = http_status(f"http://127.0.0.1:{port}/healthz")
+            if health == 200:
                 break
-            except OSError:
-                time.sleep(0.2)
+            time.sleep(0.2)
         assert health == 200, proc.stdout.read() if proc.poll() is not None else "no /healthz"
-        assert _get(f"http://127.0.0.1:{port}/readyz") == 503  # no adapter promoted: not ready
+        assert http_status(f"http://127.0.0.1:{port}/readyz") == 503  # no adapter promoted: not ready
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
             body = r.read().decode()
         assert 'loraloop_build_info{role="worker"' in body

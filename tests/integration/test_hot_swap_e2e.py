@@ -31,7 +31,7 @@ from loraloop.schemas import Prediction, Request
 from loraloop.settings import Settings
 from loraloop.testing import build_constant_adapter, save_tiny_base_model
 from loraloop.transport import TransportError, make_transport
-from tests.infra import free_port
+from tests.infra import free_port, http_status
 
 pytestmark = pytest.mark.integration
 
@@ -53,14 +53,6 @@ def _env(settings: Settings, metrics_port: int) -> dict[str, str]:
     return env
 
 
-def _status(url: str) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as r:
-            return r.status
-    except urllib.error.HTTPError as e:
-        return e.code
-    except OSError:
-        return 0
 
 
 def _metric(port: int, line_prefix: str) -> float:
@@ -138,7 +130,7 @@ def test_two_workers_hot_swap_20_times_without_losing_or_mislabelling(kafka_brok
     sender = threading.Thread(target=send, name="sender")
     try:
         deadline = time.monotonic() + 90
-        while not all(_status(f"http://127.0.0.1:{p}/readyz") == 200 for p in ports):
+        while not all(http_status(f"http://127.0.0.1:{p}/readyz") == 200 for p in ports):
             assert all(w.poll() is None for w in workers), "a worker exited during start-up"
             assert time.monotonic() < deadline, "workers not ready after 90 s"
             time.sleep(0.5)
