@@ -80,3 +80,18 @@ def test_worker_throughput_quick(results: dict[str, tuple[dict, str]]) -> None:
     assert data["flops_per_request"] > 0 and data["matmul_gflop_per_s"] > 0
     assert 0.3 < data["flops_per_request"] / data["flops_per_request_estimated"] < 3  # counted vs 2*params*tokens
     assert "ratio_to_bare_b32" in stdout
+
+
+def test_rollback_quick(tmp_path: Path) -> None:
+    """A bad adapter promoted under load is rolled back by the guard; nothing fails or is lost."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LORALOOP_")}
+    out = tmp_path / "rollback.json"
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "rollback.py"), "--quick", "--out", str(out)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    data = json.loads(out.read_text())
+    for key in ("detected_after_s", "rolled_back_after_s", "requests", "failed", "lost", "bad_predictions_served"):
+        assert key in data, key
+    assert data["failed"] == 0 and data["lost"] == 0 and data["requests"] > 100
+    assert 0 < data["detected_after_s"] <= data["rolled_back_after_s"]
+    assert data["bad_predictions_served"] > 0
