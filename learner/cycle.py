@@ -207,16 +207,14 @@ class Learner:
 
     def _train(self, active_dir: Path | None, label_map: LabelMap, data: TrainingSet,
                active_map: LabelMap | None = None):
-        """Head first, then LoRA + head; head_only refits the whole head and stops there."""
+        """Head refit on the new rows plus replay (at least 20 per known label), then LoRA + head.
+
+        head_only stops after the refit. A refit from scratch each cycle lets young labels, first
+        seen with a handful of examples, improve as their examples accumulate in the reservoir.
+        """
         model = self.trainer.model_for(active_dir, trainable=True)
-        lora = self.settings.learner_mode == "lora"
-        if active_dir is None or not lora:
-            self.trainer.fit_head(model, label_map, data.train)
-        else:  # keep what the live head knows; only labels new to it get rows from a fit
-            new = [x for x in label_map.labels if active_map is None or x not in active_map.labels]
-            if new:
-                self.trainer.fit_head(model, label_map, data.train, only=new)
-        epochs = self.settings.epochs if lora else 0
+        self.trainer.fit_head(model, label_map, data.train)
+        epochs = self.settings.epochs if self.settings.learner_mode == "lora" else 0
         report = self.trainer.finetune(model, label_map, data.train, data.negatives, epochs,
                                        desc=f"cycle {self._cycle_no}")
         return model, report

@@ -145,15 +145,8 @@ class Trainer:
         return sum(label_map.labels[p] == r.label for p, r in zip(preds, rows, strict=True)) / len(rows)
 
     # --- training ------------------------------------------------------------------------
-    def fit_head(self, model: torch.nn.Module, label_map: LabelMap, rows: Sequence[Labelled],
-                 only: Sequence[str] | None = None) -> float:
-        """Set head rows by logistic regression on embeddings; returns seconds.
-
-        Args:
-            only: set only these labels' rows (labels new to a trained head) and keep the others,
-                which hold everything learned before; the new rows' biases are shifted so the fit's
-                old-label biases line up with the kept ones. None: every label in ``rows``.
-        """
+    def fit_head(self, model: torch.nn.Module, label_map: LabelMap, rows: Sequence[Labelled]) -> float:
+        """Set the head rows of every label in ``rows`` by logistic regression on embeddings; returns seconds."""
         import time
 
         from sklearn.linear_model import LogisticRegression
@@ -175,17 +168,10 @@ class Trainer:
             classes = torch.as_tensor(fit.classes_, device=head.weight.device)
             # Labels of the map absent from this training set keep their rows, shifted to
             # the new bias scale, so they stay reachable but do not dominate.
-            if only is not None:
-                fitted = [label_map.labels[int(i)] for i in fit.classes_]
-                fresh = torch.tensor([x in set(only) for x in fitted], device=classes.device)
-                old = classes[~fresh]
-                if len(old):
-                    bias = bias + (head.bias[old].mean() - bias[~fresh].mean())
-                classes, weight, bias = classes[fresh], weight[fresh], bias[fresh]
-            else:  # labels of the map absent from this set keep their rows, shifted to the new bias scale
-                absent = [i for i in range(len(label_map)) if i not in set(fit.classes_.tolist())]
-                if absent:
-                    head.bias[absent] = head.bias[absent] - head.bias[absent].mean() + bias.min()
+            # Labels of the map absent from this set keep their rows, shifted to the new bias scale.
+            absent = [i for i in range(len(label_map)) if i not in set(fit.classes_.tolist())]
+            if absent:
+                head.bias[absent] = head.bias[absent] - head.bias[absent].mean() + bias.min()
             head.weight[classes] = weight
             head.bias[classes] = bias
         return time.perf_counter() - started
