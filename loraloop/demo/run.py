@@ -283,7 +283,7 @@ class Demo:
         out = []
         for cycle in self.registry.cycles()[seen:]:
             outcome = str(cycle.get("outcome", ""))
-            if outcome in {"promoted", "rejected", "rolled_back"}:
+            if outcome in {"promoted", "rejected"}:  # rollbacks are read from the pointer (guard or manual)
                 out.append((len(self.observed.correct), outcome, str(cycle.get("version", ""))))
         return out
 
