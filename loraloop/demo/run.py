@@ -77,8 +77,10 @@ def demo_settings(settings: Settings, config: DemoConfig) -> Settings:
     """Embedded defaults tuned so the loop learns within minutes on a 2-core CPU."""
     update: dict[str, object] = {"registry_url": str((config.out / "registry").resolve())}
     fields_set = settings.model_fields_set
-    defaults = {"cycle_min_feedback": 250, "cycle_interval_s": 60.0, "epochs": 2, "guard_window_s": 20.0,
-                "guard_min_judged": 80, "claim_idle_s": 600.0, "max_wait_ms": 20,
+    # replay_ratio 2: two replayed examples per new one keeps the known intents within a point of where they
+    # started under 5 % label noise (measured: 0.992 vs 0.976 with the global default of 1)
+    defaults = {"cycle_min_feedback": 250, "cycle_interval_s": 60.0, "epochs": 2, "replay_ratio": 2.0,
+                "guard_window_s": 20.0, "guard_min_judged": 80, "claim_idle_s": 600.0, "max_wait_ms": 20,
                 # the learner trains on the worker's CPU cores here: latency during a cycle says nothing of the adapter
                 "guard_max_p99_ratio": 4.0}
     update.update({k: v for k, v in defaults.items() if k not in fields_set})
