@@ -62,3 +62,15 @@ def test_demo_on_real_kafka_and_redis(tiny_base: Path, kafka_settings, redis_url
     settings = kafka_settings(base_model=str(tiny_base), redis_url=redis_url, label_capacity=16,
                               cycle_min_feedback=80, epochs=1)
     _run(settings, tmp_path / "out")  # feedback joined over Kafka against the request log in Redis
+
+
+def test_a_reused_output_folder_counts_only_this_runs_cycles(tiny_base: Path, tmp_path: Path) -> None:
+    settings = Settings(base_model=str(tiny_base), label_capacity=16, cycle_min_feedback=80, epochs=1)
+    first = _run(settings, tmp_path / "out")
+    second = _run(settings, tmp_path / "out")
+    cycles = Demo(settings, DemoConfig(out=tmp_path / "out")).settings.registry_url
+    from loraloop.registry import make_registry
+
+    recorded = [c["outcome"] for c in make_registry(settings.model_copy(update={"registry_url": cycles})).cycles()]
+    assert recorded.count("promoted") + recorded.count("rejected") == (
+        first["promotions"] + first["rejections"] + second["promotions"] + second["rejections"])

@@ -139,6 +139,7 @@ class Demo:
         labels = sorted({label for _, label in rows})
         plan = DriftPlan.split(labels, cfg.known_fraction, cfg.seed)
         self._build()
+        self._cycles_before = len(self.registry.cycles())  # an --out folder reused: count this run's cycles only
 
         boot = self._bootstrap_rows(train, plan)
         print(f"bootstrap: training the first adapter on {len(boot)} examples of {len(plan.known)} known intents "
@@ -292,7 +293,7 @@ class Demo:
     def _summary(self, initial: str, initial_eval: dict[str, float], final: str | None,
                  final_eval: dict[str, float], duration: float, plan: DriftPlan,
                  events: list[tuple[int, str, str]]) -> dict[str, object]:
-        cycles = self.registry.cycles()
+        cycles = self.registry.cycles()[self._cycles_before:]
         outcomes = [str(c.get("outcome", "")) for c in cycles]
         n = len(self.observed.correct)
         return {
