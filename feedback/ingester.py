@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from feedback.join import Rejection, Retry, join, judgement, paired_judgement, parse_allowed
 from loraloop.buffer import BufferError, FeedbackBuffer, RequestLog, make_feedback_buffer, make_request_log
 from loraloop.metrics import Metrics
-from loraloop.runtime import RateLimitedLog, close_quietly
+from loraloop.runtime import CachedProbe, RateLimitedLog, close_quietly
 from loraloop.schemas import (
     DeadLetter,
     Example,
@@ -93,7 +93,7 @@ class FeedbackIngester:
         self._retry_at = 0.0
         self._down_until, self._backoff, self._store_ok = 0.0, 0.0, True
         self._depth_at = -float("inf")
-        self._ping: tuple[float, bool] = (-float("inf"), False)
+        self._broker_probe = CachedProbe(lambda: self.transport.ping(timeout=2.0), PING_CACHE_S)
         self._stop: threading.Event | None = None
         self._closing = threading.Event()
         self._store_errors = RateLimitedLog(logger)
@@ -104,14 +104,7 @@ class FeedbackIngester:
         """Ready = the request log and buffer answered last time and the broker answers (cached)."""
         if not self._store_ok:
             return False
-        at, ok = self._ping
-        if time.monotonic() - at > PING_CACHE_S:
-            try:
-                ok = bool(self.transport.ping(timeout=2.0))
-            except Exception:  # a probe must answer, whatever the client raises
-                ok = False
-            self._ping = (time.monotonic(), ok)
-        return ok
+        return self._broker_probe()
 
     @property
     def held(self) -> int:

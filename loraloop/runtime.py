@@ -6,7 +6,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 LOG_EVERY_S = 30.0  # default rate limit of a repeated error line
 
@@ -53,3 +53,20 @@ def close_quietly(clients: Iterable[object | None], logger: logging.Logger) -> N
             client.close()
         except Exception:  # noqa: BLE001 - closing is best effort by design
             logger.debug("closing %r failed", client, exc_info=True)
+
+
+class CachedProbe:
+    """A readiness check answered from cache for ``ttl_s``: a scrape every second must not ping the broker each time."""
+
+    def __init__(self, check: Callable[[], object], ttl_s: float = 2.0) -> None:
+        self.check, self.ttl_s = check, ttl_s
+        self._at, self._ok = -float("inf"), False
+
+    def __call__(self) -> bool:
+        if time.monotonic() - self._at > self.ttl_s:
+            try:
+                self._ok = bool(self.check())
+            except Exception:  # noqa: BLE001 - a probe must answer, whatever the client raises
+                self._ok = False
+            self._at = time.monotonic()
+        return self._ok

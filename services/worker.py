@@ -43,7 +43,7 @@ import torch
 from loraloop.buffer import RequestLog, make_request_log
 from loraloop.metrics import Metrics
 from loraloop.registry import AdapterRegistry, make_registry
-from loraloop.runtime import RateLimitedLog, close_quietly
+from loraloop.runtime import CachedProbe, RateLimitedLog, close_quietly
 from loraloop.schemas import (
     DeadLetter,
     InvalidMessage,
@@ -141,7 +141,7 @@ class InferenceWorker:
         self._cache_dir: Path | None = None
         self._lag_at = 0.0
         self._lag_labels: set[tuple[str, str]] = set()
-        self._ping: tuple[float, bool] = (-float("inf"), False)
+        self._broker_probe = CachedProbe(lambda: self.transport.ping(timeout=2.0), PING_CACHE_S)
         self._log_down_until = 0.0
         self._log_errors = RateLimitedLog(logger)
         self._transport_errors = RateLimitedLog(logger)
@@ -155,14 +155,7 @@ class InferenceWorker:
         """Ready = an adapter is active and the broker answers (cached for a few seconds)."""
         if self.manager.active_adapter is None:
             return False
-        at, ok = self._ping
-        if time.monotonic() - at > PING_CACHE_S:
-            try:
-                ok = bool(self.transport.ping(timeout=2.0))
-            except Exception:  # a probe must answer, whatever the client raises
-                ok = False
-            self._ping = (time.monotonic(), ok)
-        return ok
+        return self._broker_probe()
 
     # --- adapter watching (background thread) ---------------------------------------------
     def start(self) -> None:
