@@ -105,7 +105,10 @@ def test_guard_through_promql_rolls_back_a_bad_adapter_and_keeps_a_good_one(prom
     settings = Settings(base_model=str(base_dir), label_capacity=4, registry_url=str(tmp_path / "registry"),
                         max_batch=16, max_wait_ms=5, adapter_poll_s=0.2, feedback_grace_s=2.0,
                         prometheus_url=prometheus_server.url, guard_window_s=10.0, guard_min_judged=30,
-                        guard_poll_s=1.0, guard_max_p99_ratio=3.0)
+                        # p99 of a tiny model over a 10 s window on a shared 2-core box is millisecond noise, and the
+                        # new version also carries the shadow scoring of the old one: latency is not under test here
+                        # (the decision table covers it), correctness through PromQL is.
+                        guard_poll_s=1.0, guard_max_p99_ratio=20.0)
     registry = make_registry(settings)
     base = load_base(settings)
     v1, bad, good = (registry.publish(build_constant_adapter(settings, LABELS, label, tmp_path / name, base=base,
