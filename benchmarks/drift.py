@@ -388,7 +388,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="Seed of the scenario and of training.")
     parser.add_argument("--poison", action="store_true",
                         help="Also run loraloop with a burst of adversarial feedback and compare with the clean run.")
-    parser.add_argument("--systems", default=",".join(SYSTEMS), help="Comma-separated subset of " + ",".join(SYSTEMS))
+    parser.add_argument("--systems", default=",".join(SYSTEMS),
+                        help="Comma-separated subset of " + ",".join(SYSTEMS) + ", run in the order given")
     parser.add_argument("--bootstrap-per-label", type=int, default=40,
                         help="Training examples per known label of the first adapter (default: 40).")
     parser.add_argument("--max-test", type=int, default=10**9,
@@ -451,15 +452,19 @@ def main(argv: list[str] | None = None) -> int:
                        max_test=args.max_test, **extra)
 
         run = Run(args, settings, started)
-        live = [s for s in LIVE_SYSTEMS if s in args.systems or (s == "loraloop" and args.poison)]
-        for system in live:
-            print(f"\n=== {system} ({args.requests} requests) ===", flush=True)
+        order = list(args.systems) + (["loraloop"] if args.poison and "loraloop" not in args.systems else [])
+        for system in order:  # in the order asked for: a run stopped midway keeps the systems done so far
             t0 = time.monotonic()
-            out = _in_fresh_process(run_live, job(system))
-            run.results[system], run.traces[system], run.labels = out["result"], out["trace"], out["labels"]
+            if system == "oracle":
+                print("\n=== oracle (offline, whole training file) ===", flush=True)
+                run.results["oracle"] = _in_fresh_process(run_oracle, job("oracle"))["result"]
+            else:
+                print(f"\n=== {system} ({args.requests} requests) ===", flush=True)
+                out = _in_fresh_process(run_live, job(system))
+                run.results[system], run.traces[system], run.labels = out["result"], out["trace"], out["labels"]
             print(f"=== {system}: done in {time.monotonic() - t0:.0f} s, test accuracy "
                   f"{run.results[system]['final_accuracy']:.3f}", flush=True)
-            run.save(quiet=True)  # a run stopped midway keeps the systems done so far
+            run.save(quiet=True)
         if args.poison:
             print("\n=== loraloop_poisoned ===", flush=True)
             poisoned_job = dataclasses.replace(job("loraloop", poison=True), out=str(tmp / "loraloop_poisoned"))
@@ -470,9 +475,6 @@ def main(argv: list[str] | None = None) -> int:
                           "difference": round(poisoned - clean, 4), "poisoned": out["result"]}
             if "loraloop" not in args.systems:
                 run.results.pop("loraloop")
-        if "oracle" in args.systems:
-            print("\n=== oracle (offline, whole training file) ===", flush=True)
-            run.results["oracle"] = _in_fresh_process(run_oracle, job("oracle"))["result"]
         run.report()
     return 0
 
