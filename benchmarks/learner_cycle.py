@@ -141,6 +141,7 @@ def time_cycle(base_settings, rows: list[tuple[str, str]], size: int, device: st
     timings = {phase: outcome.timings.get(phase) for phase in PHASES}
     trained = (outcome.train_rows + outcome.negatives) * s.epochs
     return {"device": device, "examples": size, **timings, "total_s": round(sum(timings.values()), 3),
+            "head_fit_s": outcome.head_fit_s, "head_rows": outcome.head_rows,
             "train_rows": outcome.train_rows, "replay_rows": outcome.replay_rows, "epochs": s.epochs,
             "train_examples_per_s": round(trained / timings["train"], 1) if timings["train"] else None,
             "outcome": outcome.outcome, "labels": outcome.labels, "new_labels": len(outcome.new_labels)}
@@ -232,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         by_mode = {r["mode"]: r for r in rates if r["device"] == device}
         by_mode["lora"]["speedup_vs_full"] = round(by_mode["lora"]["examples_per_s"] /
                                                    by_mode["full"]["examples_per_s"], 2)
-    print_table(cycles, ["device", "examples", *PHASES, "total_s", "train_rows", "replay_rows",
+    print_table(cycles, ["device", "examples", *PHASES, "head_fit_s", "total_s", "head_rows", "train_rows", "replay_rows",
                          "train_examples_per_s", "outcome"], title="one learner cycle, seconds per phase")
     print_table(rates, ["device", "mode", "examples_per_s", "trainable_params", "speedup_vs_full"],
                 title=f"training steps (batch {settings.batch_size}): LoRA vs full fine-tuning")

