@@ -29,6 +29,7 @@ adapter is not ready and does not join the group: requests wait in the topic.
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import tempfile
 import threading
@@ -79,6 +80,20 @@ REQUEST_LOG_BACKOFF_S = 1.0  # after a failed write, skip the request log this l
 # Fixed cost of one forward pass, in padded tokens, for splitting a batch by length (services.batching).
 # Measured for MiniLM on a CPU core: ~4.7 ms per call vs ~0.11 ms per token, i.e. ~40 tokens.
 CHUNK_OVERHEAD_TOKENS = 40.0
+
+
+def default_chunk_overhead(device: torch.device) -> float:
+    """Fixed cost of a forward pass in tokens on ``device``: 40 on a CPU, never split on an accelerator.
+
+    On an H200 a MiniLM forward pass is bound by kernel launches (~3.6 ms for 1 row or 64), so
+    every extra chunk costs a whole pass: splitting a batch of 32 by length made the worker
+    0.41x bare ``model(**batch)`` there (benchmarks/results/worker_throughput_cuda.json).
+
+    Example:
+        >>> default_chunk_overhead(torch.device("cpu")), default_chunk_overhead(torch.device("cuda", 0))
+        (40.0, inf)
+    """
+    return CHUNK_OVERHEAD_TOKENS if device.type == "cpu" else math.inf
 SHADOW_WINDOWS = 3  # shadow-score as long as the guard may watch a promotion (it keeps watching up to 3 windows)
 
 
@@ -109,12 +124,12 @@ class InferenceWorker:
         tokenizer: the base model's (fast) tokenizer.
         max_loaded: most adapter versions kept in memory (active + recent, for instant rollback).
         chunk_overhead_tokens: fixed cost of a forward pass in tokens, used to split a batch by
-            length (``math.inf``: one forward pass per batch, arrival order).
+            length (``math.inf``: one forward pass per batch; None: :func:`default_chunk_overhead`).
     """
 
     def __init__(self, settings: Settings, *, transport: Transport, registry: AdapterRegistry,
                  request_log: RequestLog, metrics: Metrics, base: torch.nn.Module, tokenizer: object,
-                 max_loaded: int = 3, chunk_overhead_tokens: float = CHUNK_OVERHEAD_TOKENS) -> None:
+                 max_loaded: int = 3, chunk_overhead_tokens: float | None = None) -> None:
         self.settings = settings
         self.transport = transport
         self.registry = registry
@@ -125,7 +140,8 @@ class InferenceWorker:
         self._shadow: tuple[str, float] | None = None  # (replaced version, monotonic deadline) after a swap
         self._shadow_out: dict[str, tuple[str, str]] = {}
         self.policy = BatchPolicy(settings.max_batch, settings.max_wait_ms)
-        self.chunk_overhead_tokens = chunk_overhead_tokens
+        self.chunk_overhead_tokens = (default_chunk_overhead(self.manager.device) if chunk_overhead_tokens is None
+                                      else chunk_overhead_tokens)
         self.pad_id = int(tokenizer.pad_token_id or 0)
         # Every adapter swap this worker made: (unix time, version, pause of the inference thread in s).
         self.swap_log: deque[tuple[float, str, float]] = deque(maxlen=10_000)
