@@ -235,6 +235,9 @@ def run_live(job: Job) -> dict:
             "cycles": len(cycles),
             "learner_time_s": round(sum(sum((c.get("timings") or {}).values()) for c in cycles), 2),
         })
+    if job.system != "static" and demo.guard is not None:
+        result["guard_decisions"] = [{"version": e.version, "action": e.action, "reason": e.reason,
+                                      "after_s": round(e.decided_at - e.promoted_at, 1)} for e in demo.guard.events]
     if job.poison:
         result.update(_poison_report(demo, job, cycles, summary["final_version"]))
     trace = {"correct": [bool(c) for c in obs.correct], "is_new": list(obs.is_new), "phases": list(obs.phases),

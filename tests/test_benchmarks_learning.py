@@ -53,6 +53,9 @@ def test_drift_quick_reports_every_system(tmp_path: Path) -> None:
             assert isinstance(figures[key], int) and figures[key] >= 0, (system, key)
         assert figures["requests_to_80pct_new"] is None or figures["requests_to_80pct_new"] >= 0
         assert figures["learner_time_s"] > 0  # the learner ran at least one cycle
+        decisions = figures["guard_decisions"]  # the guard's final word on each promotion it watched to the end
+        assert all(d["action"] in ("keep", "rollback") and d["reason"] for d in decisions), decisions
+        assert sum(d["action"] == "rollback" for d in decisions) >= figures["rollbacks"]
     assert "promotions" not in data["static"]  # the static baseline never learns
     assert data["oracle"]["final_accuracy"] > data["static"]["final_accuracy_new"]
     poison = data["poison"]
