@@ -41,8 +41,8 @@ from loraloop.settings import Settings
 logger = logging.getLogger(__name__)
 
 LOOP_TICK_S = 0.5
-# Replay at least this many examples per known label: every label stays present, and the head
-# refit (logistic regression from scratch each cycle) sees enough of each to stay as good as before.
+# Replay at least this many examples per known label, so every label stays present in fine-tuning
+# (the head refit draws on the whole reservoir instead: head_fit_per_label).
 REPLAY_PER_LABEL_FLOOR = 20
 REPLAY_READ_ALL = 10**9  # replay_sample(n) returns at most the whole reservoir
 
