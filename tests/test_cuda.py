@@ -22,15 +22,10 @@ from loraloop.registry import make_registry
 from loraloop.schemas import Example, Request
 from loraloop.settings import Settings
 from loraloop.testing import save_tiny_base_model
+from tests.test_learner import _text
 from tests.test_worker_memory import Stack, swap_to
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
-WORDS = {"a": "apple banana fruit pear", "b": "car truck wheel engine", "c": "moon star planet comet"}
-
-
-def _text(rng: random.Random, label: str) -> str:
-    return " ".join(rng.choice(WORDS[label].split()) for _ in range(4))
-
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
