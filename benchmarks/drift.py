@@ -57,7 +57,7 @@ LIVE_SYSTEMS = ("loraloop", "static", "naive", "head_only")
 SYSTEMS = (*LIVE_SYSTEMS, "oracle")
 # Settings each live system changes; everything else is the shipped default (or the demo's).
 SYSTEM_SETTINGS: dict[str, dict[str, object]] = {
-    "loraloop": {}, "static": {}, "naive": {"replay_ratio": 0.0, "gate_enabled": False},
+    "loraloop": {}, "static": {}, "naive": {"replay_ratio": 0.0, "gate_enabled": False, "reference_share": 0.0},
     "head_only": {"learner_mode": "head_only"}}
 QUICK_SETTINGS = {"cycle_min_feedback": 40, "epochs": 1, "guard_min_judged": 20, "guard_window_s": 5.0}
 NEW_LABEL_WINDOW = 50  # new-label requests in the rolling accuracy of requests_to_80pct_new

@@ -3,12 +3,16 @@
 One cycle, in order (the order is what makes it safe to kill at any point):
 
 1. **claim** up to ``cycle_max_feedback`` new examples from the buffer;
-2. **build** the training set: resolved feedback + a replay sample, holdouts set aside;
+2. **build** the training set: resolved feedback + a replay sample, holdouts set aside (the
+   reference requests' examples are never trained on: see :func:`learner.dataset.is_reference`);
 3. **train** a candidate starting from the active version (head fit, then LoRA);
-4. **evaluate** candidate and active on the holdout, the golden set and known labels;
+4. **evaluate** candidate and active on the golden set, the reference set, the holdout and
+   known labels;
 5. **publish** the candidate and **promote** it if the gate passes (a rejected candidate
    is published too, marked rejected with the gate's reason, for the audit trail);
-6. **record** the outcome in the registry, and only then **acknowledge** the claim.
+6. **record** the outcome in the registry, and only then **acknowledge** the claim -- without
+   remembering it in the replay reservoir when the gate found its feedback suspect (the
+   candidate lost on the golden or reference set): a poisoned burst is not replayed later.
 
 A learner killed before step 6 leaves the registry's active pointer unchanged and its
 claim unacknowledged: the buffer hands the same examples out again after ``claim_idle_s``.
@@ -26,12 +30,22 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from learner.dataset import Labelled, TrainingSet, build_training_set, head_fit_rows, replay_size
-from learner.gate import GateDecision, Scores, decide
+from learner.dataset import (
+    Labelled,
+    TrainingSet,
+    build_training_set,
+    head_fit_rows,
+    is_reference,
+    reference_rows,
+    replay_size,
+    split_reference,
+)
+from learner.gate import GateDecision, Paired, Scores, decide
 from learner.train import Trainer, seed_everything
 from learner.trigger import OpsTriggers, due
 from loraloop.buffer import FeedbackBuffer, make_feedback_buffer
 from loraloop.buffer.base import BufferError
+from loraloop.buffer.replay import balanced_sample
 from loraloop.metrics import Metrics
 from loraloop.model import LabelMap
 from loraloop.registry import AdapterRegistry, make_registry
@@ -61,6 +75,9 @@ class CycleOutcome:
     replay_rows: int = 0
     head_rows: int = 0
     head_fit_s: float = 0.0  # of the train phase: embedding head_rows and the logistic regression
+    reference_rows: int = 0  # reference-set rows both models were evaluated on
+    reference_held: int = 0  # claimed examples of reference requests, not trained on
+    quarantined: bool = False  # acknowledged without entering the replay reservoir
     negatives: int = 0
     labels: int = 0
     new_labels: list[str] = field(default_factory=list)
@@ -177,45 +194,58 @@ class Learner:
         pointer = self.registry.active()
         active_dir = self._fetch(pointer.version) if pointer.version else None
         active_map = LabelMap.load(active_dir) if active_dir else LabelMap(())
-        data = self._training_set(claim.examples, active_map, seed)
+        replayable, reference = self._reservoir(seed)
+        data = self._training_set(claim.examples, active_map, seed, replayable)
         label_map, dropped = _extend(active_map, data.labels, self.settings.label_capacity)
         data = _without_labels(data, set(dropped))
         outcome.examples, outcome.train_rows = len(claim.examples), len(data.train)
         outcome.replay_rows, outcome.negatives, outcome.window = data.replay_rows, len(data.negatives), data.window
+        outcome.reference_held = data.reference_held
         outcome.labels, outcome.new_labels = len(label_map), [x for x in label_map.labels if x not in active_map.labels]
-        head_rows = self._head_rows(data, seed)
+        head_rows = self._head_rows(data, replayable)
         outcome.head_rows = len(head_rows)
         t.lap("build")
         candidate, report = self._train(active_dir, label_map, data, head_rows)
         outcome.train_loss, outcome.head_fit_s = report.final_loss, round(report.head_fit_s, 3)
         t.lap("train")
-        cand_scores = self._scores(candidate, label_map, data, active_map)
-        act_scores = self._scores(self.trainer.model_for(active_dir, trainable=False), active_map, data, active_map) \
-            if active_dir else None
-        outcome.candidate, outcome.active = cand_scores.as_dict(), (act_scores.as_dict() if act_scores else {})
+        decision = self._evaluate(candidate, label_map, active_dir, active_map, data, reference, outcome)
         t.lap("evaluate")
-        decision = decide(cand_scores, act_scores, self.settings.gate_tolerance) if self.settings.gate_enabled \
-            else GateDecision(True, "gate disabled")
         self._publish(candidate, label_map, pointer.version, decision, outcome)
         t.lap("publish")
         outcome.timings = t.laps
+        outcome.quarantined = decision.suspect_feedback
         self.registry.record_cycle(outcome.as_dict())
-        self.buffer.acknowledge(claim)
+        self.buffer.acknowledge(claim, remember=not decision.suspect_feedback)
         self.metrics.buffer_acknowledged.inc(len(claim.examples))
+        if decision.suspect_feedback:
+            self.metrics.feedback_quarantined.inc(len(claim.examples))
+            logger.warning("quarantined %d examples (kept out of the replay reservoir): %s", len(claim.examples),
+                           decision.reason)
 
-    def _training_set(self, examples: list[Example], active_map: LabelMap, seed: int) -> TrainingSet:
+    def _reservoir(self, seed: int) -> tuple[list[Example], list[Example]]:
+        """The replay reservoir in the buffer's seeded order, split into (replayable, reference) examples."""
+        s = self.settings
+        if s.replay_ratio <= 0 and s.reference_share <= 0:
+            return [], []
+        return split_reference(self.buffer.replay_sample(REPLAY_READ_ALL, seed), s.reference_share)
+
+    def _training_set(self, examples: list[Example], active_map: LabelMap, seed: int,
+                      replayable: list[Example]) -> TrainingSet:
         s = self.settings
         n_replay = replay_size(len(examples), s.replay_ratio, REPLAY_PER_LABEL_FLOOR * len(active_map)) \
             if s.replay_ratio > 0 else 0
-        replay = self.buffer.replay_sample(n_replay, seed) if n_replay else []
-        return build_training_set(examples, replay, s.holdout_fraction, seed)
+        by_label: dict[str, list[Example]] = {}
+        for e in replayable:
+            by_label.setdefault(e.label or "", []).append(e)
+        replay = balanced_sample(by_label, n_replay, seed) if n_replay else []
+        return build_training_set(examples, replay, s.holdout_fraction, seed, s.reference_share)
 
-    def _head_rows(self, data: TrainingSet, seed: int) -> list[Labelled]:
+    def _head_rows(self, data: TrainingSet, replayable: list[Example]) -> list[Labelled]:
         """The training rows plus up to ``head_fit_per_label`` reservoir examples per label (replay on)."""
         s = self.settings
         if s.replay_ratio <= 0 or s.head_fit_per_label <= 0:
             return data.train
-        return head_fit_rows(data.train, self.buffer.replay_sample(REPLAY_READ_ALL, seed), s.head_fit_per_label)
+        return head_fit_rows(data.train, replayable, s.head_fit_per_label)
 
     def _train(self, active_dir: Path | None, label_map: LabelMap, data: TrainingSet,
                head_rows: list[Labelled]):
@@ -234,15 +264,38 @@ class Learner:
         report.head_fit_s = head_fit_s
         return model, report
 
-    def _scores(self, model, label_map: LabelMap, data: TrainingSet, active_map: LabelMap) -> Scores:
+    def _evaluate(self, candidate, label_map: LabelMap, active_dir: Path | None, active_map: LabelMap,
+                  data: TrainingSet, reference: list[Example], outcome: CycleOutcome) -> GateDecision:
+        """Score candidate and active version on every evaluation set; the gate decides."""
+        s = self.settings
+        rows = reference_rows(reference, s.reference_per_label) if s.gate_enabled else []
+        outcome.reference_rows = len(rows)
+        cand_scores, cand_ok = self._scores(candidate, label_map, data, active_map, rows)
+        act_scores, act_ok = self._scores(self.trainer.model_for(active_dir, trainable=False), active_map, data,
+                                          active_map, rows) if active_dir else (None, [])
+        outcome.candidate, outcome.active = cand_scores.as_dict(), (act_scores.as_dict() if act_scores else {})
+        if not s.gate_enabled:
+            return GateDecision(True, "gate disabled")
+        pairs = None
+        if act_ok:
+            both = list(zip(cand_ok, act_ok, strict=True))
+            pairs = Paired(candidate_only=sum(c and not a for c, a in both), active_only=sum(a and not c for c, a in both))
+        return decide(cand_scores, act_scores, s.gate_tolerance, pairs, s.gate_alpha)
+
+    def _scores(self, model, label_map: LabelMap, data: TrainingSet, active_map: LabelMap,
+                reference: list[Labelled]) -> tuple[Scores, list[bool]]:
+        """The model's scores, and which reference rows it got right (for the paired test)."""
         # Forgetting: on fresh rows of the labels the live version knew, choosing among those labels
         # only. Confusions with newly added labels are real errors, but the holdout comparison counts
         # them; this check asks whether the old labels are still told apart.
         known = [r for r in data.holdout if r.label in active_map.labels]
         acc = self.trainer.accuracy
+        reference_ok = self.trainer.correct(model, label_map, reference)
         return Scores(holdout=acc(model, label_map, data.holdout),
                       known=acc(model, label_map, known, among=len(active_map)),
-                      golden=acc(model, label_map, self._golden), n_holdout=len(data.holdout), n_known=len(known))
+                      golden=acc(model, label_map, self._golden), n_holdout=len(data.holdout), n_known=len(known),
+                      reference=sum(reference_ok) / len(reference_ok) if reference_ok else None,
+                      n_reference=len(reference_ok)), reference_ok
 
     def _publish(self, model, label_map: LabelMap, parent: str | None, decision: GateDecision,
                  outcome: CycleOutcome) -> None:
@@ -271,7 +324,7 @@ class Learner:
         if outcome.train_loss is not None and outcome.train_loss == outcome.train_loss:
             m.train_loss.set(outcome.train_loss)
         for role, scores in (("candidate", outcome.candidate), ("active", outcome.active)):
-            for dataset in ("holdout", "golden", "known"):
+            for dataset in ("holdout", "golden", "reference", "known"):
                 if scores.get(dataset) is not None:
                     m.eval_accuracy.labels(dataset=dataset, role=role).set(scores[dataset])
         if outcome.outcome != "empty":
@@ -280,7 +333,11 @@ class Learner:
 
     # --- bootstrap and evaluation --------------------------------------------------------
     def bootstrap(self, texts: list[str], labels: list[str], reason: str = "bootstrap") -> str:
-        """Train, publish and promote a first adapter on a labelled set; its rows seed the replay reservoir."""
+        """Train, publish and promote a first adapter on a labelled set; its rows seed the replay reservoir.
+
+        Rows of reference requests (``bootstrap-<i>`` by :func:`is_reference`) are not trained on:
+        they seed the reference set.
+        """
         if len(texts) != len(labels) or not texts:
             raise ValueError(f"bootstrap needs as many labels as texts (got {len(texts)} and {len(labels)})")
         seed_everything(self.settings.seed)
@@ -288,10 +345,11 @@ class Learner:
         label_map = LabelMap(tuple(dict.fromkeys(sorted(labels))))
         if len(label_map) > self.settings.label_capacity:
             raise ValueError(f"{len(label_map)} labels exceed label_capacity {self.settings.label_capacity}")
-        data = TrainingSet(train=rows)
-        model, report = self._train(None, label_map, data, rows)
+        train = [r for i, r in enumerate(rows) if not is_reference(f"bootstrap-{i}", self.settings.reference_share)]
+        data = TrainingSet(train=train)
+        model, report = self._train(None, label_map, data, train)
         folder = self.trainer.save(model, label_map, self._workdir / "bootstrap")
-        version = self.registry.publish(folder, metadata={"trigger": reason, "examples": len(rows),
+        version = self.registry.publish(folder, metadata={"trigger": reason, "examples": len(train),
                                                           "train_loss": report.final_loss, "labels": len(label_map)})
         self.registry.promote(version, reason=reason)
         self.buffer.remember([Example(event_id=f"bootstrap-{i}", request_id=f"bootstrap-{i}", text=r.text,

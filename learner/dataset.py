@@ -3,7 +3,10 @@
 Order of work in a cycle (river's predict-then-learn): the buffer's new examples are
 **resolved** per request (one verdict per request, see :func:`resolve`), the most recent
 slice is kept aside as the **holdout**, and a **replay** sample of past examples is mixed in
-against forgetting. Replayed examples are never evaluated on: the live version may have
+against forgetting. A fixed share of requests, chosen by a hash of the request id
+(:func:`is_reference`), is never trained on: once acknowledged, those examples are the
+learner's own **reference set** (:func:`reference_rows`), on which a candidate must not lose
+to the live version -- a defence that does not trust the claim being trained on. Replayed examples are never evaluated on: the live version may have
 trained on them, which would flatter it against the candidate; forgetting is measured on
 the holdout rows of labels the live version already knew (fresh data for both).
 
@@ -22,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -62,6 +66,7 @@ class TrainingSet:
     train: list[Labelled] = field(default_factory=list)
     negatives: list[Negative] = field(default_factory=list)
     holdout: list[Labelled] = field(default_factory=list)  # recent new feedback, never trained on
+    reference_held: int = 0  # claimed examples of reference requests: not used this cycle, reference later
     new_rows: int = 0
     replay_rows: int = 0
     stats: ResolveStats = field(default_factory=ResolveStats)
@@ -108,9 +113,54 @@ def resolve(examples: list[Example]) -> tuple[list[Labelled | Negative], Resolve
     return [row for _, row in rows], stats
 
 
+def is_reference(request_id: str, share: float) -> bool:
+    """Whether a request belongs to the reference set: a stable hash of its id, so every process agrees.
+
+    Example:
+        >>> sum(is_reference(f"req-{i}", 0.1) for i in range(10_000))
+        1008
+        >>> is_reference("req-1", 0.0)
+        False
+    """
+    if share <= 0:
+        return False
+    digest = hashlib.blake2b(request_id.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64 < share
+
+
+def split_reference(examples: list[Example], share: float) -> tuple[list[Example], list[Example]]:
+    """(trainable, reference) examples of ``examples`` by :func:`is_reference` of their request."""
+    trainable, reference = [], []
+    for e in examples:
+        (reference if is_reference(e.request_id, share) else trainable).append(e)
+    return trainable, reference
+
+
+def reference_rows(reservoir: list[Example], per_label: int) -> list[Labelled]:
+    """Up to ``per_label`` rows per label of the reference examples in ``reservoir`` (its seeded order).
+
+    Example:
+        >>> ex = lambda i, y: Example(event_id=str(i), request_id=str(i), text=f"t{i}", kind="label", label=y,
+        ...                           served_label=y, adapter_version="v")
+        >>> [(r.text, r.label) for r in reference_rows([ex(0, "a"), ex(1, "a"), ex(2, "b")], per_label=1)]
+        [('t0', 'a'), ('t2', 'b')]
+    """
+    taken: Counter[str] = Counter()
+    out = []
+    for e in reservoir:
+        if e.label is not None and taken[e.label] < per_label:
+            taken[e.label] += 1
+            out.append(Labelled(e.text, e.label, e.ts))
+    return out
+
+
 def build_training_set(new: list[Example], replay: list[Example], holdout_fraction: float,
-                       seed: int) -> TrainingSet:
-    """Resolve the new examples, keep the most recent ``holdout_fraction`` aside, add the replay sample."""
+                       seed: int, reference_share: float = 0.0) -> TrainingSet:
+    """Resolve the new examples, keep the most recent ``holdout_fraction`` aside, add the replay sample.
+
+    Examples of reference requests (``reference_share``) are left out of training and holdout alike.
+    """
+    new, held = split_reference(new, reference_share)
     rows, stats = resolve(new)
     positives = [r for r in rows if isinstance(r, Labelled)]
     negatives = [r for r in rows if isinstance(r, Negative)]
@@ -125,6 +175,7 @@ def build_training_set(new: list[Example], replay: list[Example], holdout_fracti
         holdout=positives[cut:],
         new_rows=len(positives) + len(negatives),
         replay_rows=len(replay_rows),
+        reference_held=len(held),
         stats=stats,
         window=(min(stamps), max(stamps)),
     )

@@ -2,23 +2,38 @@
 
 A candidate is promoted only when
 
+* on the **golden set** (when configured) it loses at most ``tolerance``,
+* on the learner's **reference set** (requests never trained on, see
+  :func:`learner.dataset.is_reference`) it does not lose more than ``tolerance`` with a
+  paired test significant at ``alpha`` (the rows are few; a 2-row swing is noise),
 * on the **holdout** (recent feedback nobody trained on) it is at least as good as the
   active version,
-* on the **golden set** (when configured) it loses at most ``tolerance``,
-* on **labels the active version already knew** (the replay holdout plus the holdout rows
-  of those labels) it loses at most ``tolerance``: the forgetting guard.
+* on **labels the active version already knew** (the holdout rows of those labels) it
+  loses at most ``tolerance``: the forgetting guard.
+
+Golden and reference sets come first because they are the checks that do not trust the
+claim being trained on: a candidate that fails them marks the claim's feedback as
+**suspect** (the learner then keeps it out of the replay reservoir). A poisoned claim
+poisons its own holdout too, and there the candidate looks better.
 
 Example:
     >>> decide(Scores(holdout=0.9, known=0.88, golden=None, n_holdout=50, n_known=40),
     ...        Scores(holdout=0.7, known=0.9, golden=None, n_holdout=50, n_known=40), tolerance=0.02)
-    GateDecision(promote=True, reason='holdout 0.700 -> 0.900; known labels 0.900 -> 0.880')
+    GateDecision(promote=True, reason='holdout 0.700 -> 0.900; known labels 0.900 -> 0.880', suspect_feedback=False)
     >>> decide(Scores(0.9, 0.8, None, 50, 40), Scores(0.7, 0.9, None, 50, 40), tolerance=0.02).reason
     'forgets known labels: 0.900 -> 0.800 (tolerance 0.02)'
+    >>> d = decide(Scores(1.0, 1.0, None, reference=0.5, n_reference=100),
+    ...            Scores(0.4, 0.9, None, reference=0.8, n_reference=100), tolerance=0.02,
+    ...            reference_pairs=Paired(candidate_only=2, active_only=32))
+    >>> d.promote, d.suspect_feedback, d.reason
+    (False, True, 'worse on the reference set: 0.800 -> 0.500 (32 rows lost, 2 won, p=3.5e-08)')
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from loraloop.stats import paired_worse_p_value
 
 
 @dataclass(frozen=True)
@@ -30,39 +45,69 @@ class Scores:
     golden: float | None
     n_holdout: int = 0
     n_known: int = 0
+    reference: float | None = None
+    n_reference: int = 0
 
     def as_dict(self) -> dict[str, float | int | None]:
-        return {"holdout": self.holdout, "known": self.known, "golden": self.golden,
-                "n_holdout": self.n_holdout, "n_known": self.n_known}
+        return {"holdout": self.holdout, "known": self.known, "golden": self.golden, "reference": self.reference,
+                "n_holdout": self.n_holdout, "n_known": self.n_known, "n_reference": self.n_reference}
+
+
+@dataclass(frozen=True)
+class Paired:
+    """Rows of one evaluation set that exactly one of candidate and active version gets right."""
+
+    candidate_only: int
+    active_only: int
 
 
 @dataclass(frozen=True)
 class GateDecision:
     promote: bool
     reason: str
+    suspect_feedback: bool = False  # lost on data outside the claim: keep the claim out of the reservoir
 
 
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
-def decide(candidate: Scores, active: Scores | None, tolerance: float) -> GateDecision:
+def _reference_loss(candidate: Scores, active: Scores, tolerance: float, pairs: Paired | None,
+                    alpha: float) -> str | None:
+    """The reason to reject on the reference set, or None."""
+    if candidate.reference is None or active.reference is None or candidate.reference >= active.reference - tolerance:
+        return None
+    detail = ""
+    if pairs is not None:
+        p = paired_worse_p_value(new_only=pairs.candidate_only, old_only=pairs.active_only)
+        if p >= alpha:
+            return None
+        detail = f" ({pairs.active_only} rows lost, {pairs.candidate_only} won, p={p:.2g})"
+    return f"worse on the reference set: {_fmt(active.reference)} -> {_fmt(candidate.reference)}{detail}"
+
+
+def decide(candidate: Scores, active: Scores | None, tolerance: float, reference_pairs: Paired | None = None,
+           alpha: float = 0.05) -> GateDecision:
     """Promote or reject ``candidate`` against ``active`` (None: nothing is live yet)."""
-    if candidate.holdout is None and candidate.golden is None:
-        return GateDecision(False, "nothing to evaluate on: no holdout and no golden set")
+    if candidate.holdout is None and candidate.golden is None and candidate.reference is None:
+        return GateDecision(False, "nothing to evaluate on: no holdout, golden or reference set")
     if active is None:
         return GateDecision(True, f"first version: holdout {_fmt(candidate.holdout)}")
-    if candidate.holdout is not None and active.holdout is not None and candidate.holdout < active.holdout:
-        return GateDecision(False, f"worse on the holdout: {_fmt(active.holdout)} -> {_fmt(candidate.holdout)}")
     if candidate.golden is not None and active.golden is not None and candidate.golden < active.golden - tolerance:
         return GateDecision(False, f"worse on the golden set: {_fmt(active.golden)} -> {_fmt(candidate.golden)} "
-                                   f"(tolerance {tolerance:g})")
+                                   f"(tolerance {tolerance:g})", suspect_feedback=True)
+    reference_loss = _reference_loss(candidate, active, tolerance, reference_pairs, alpha)
+    if reference_loss:
+        return GateDecision(False, reference_loss, suspect_feedback=True)
+    if candidate.holdout is not None and active.holdout is not None and candidate.holdout < active.holdout:
+        return GateDecision(False, f"worse on the holdout: {_fmt(active.holdout)} -> {_fmt(candidate.holdout)}")
     if candidate.known is not None and active.known is not None and candidate.known < active.known - tolerance:
         return GateDecision(False, f"forgets known labels: {_fmt(active.known)} -> {_fmt(candidate.known)} "
                                    f"(tolerance {tolerance:g})")
     parts = [f"holdout {_fmt(active.holdout)} -> {_fmt(candidate.holdout)}"]
-    if candidate.golden is not None:
-        parts.append(f"golden {_fmt(active.golden)} -> {_fmt(candidate.golden)}")
-    if candidate.known is not None:
-        parts.append(f"known labels {_fmt(active.known)} -> {_fmt(candidate.known)}")
+    for name, cand, act in (("golden", candidate.golden, active.golden),
+                            ("reference", candidate.reference, active.reference),
+                            ("known labels", candidate.known, active.known)):
+        if cand is not None:
+            parts.append(f"{name} {_fmt(act)} -> {_fmt(cand)}")
     return GateDecision(True, "; ".join(parts))

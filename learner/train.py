@@ -140,9 +140,16 @@ class Trainer:
         """
         if not rows:
             return None
+        return sum(self.correct(model, label_map, rows, among)) / len(rows)
+
+    def correct(self, model: torch.nn.Module, label_map: LabelMap, rows: Sequence[Labelled],
+                among: int | None = None) -> list[bool]:
+        """For each row, whether the model predicts its label (see :meth:`accuracy`)."""
+        if not rows:
+            return []
         n = len(label_map) if among is None else min(among, len(label_map))
         preds = self.predict(model, [r.text for r in rows], n)
-        return sum(label_map.labels[p] == r.label for p, r in zip(preds, rows, strict=True)) / len(rows)
+        return [label_map.labels[p] == r.label for p, r in zip(preds, rows, strict=True)]
 
     # --- training ------------------------------------------------------------------------
     def fit_head(self, model: torch.nn.Module, label_map: LabelMap, rows: Sequence[Labelled]) -> float:

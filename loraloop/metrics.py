@@ -77,6 +77,9 @@ class Metrics:
         self.buffer_depth = Gauge("buffer_depth", "Feedback examples not yet acknowledged by the learner.",
                                   namespace=ns, registry=r)
         self.buffer_claimed = Counter("buffer_claimed", "Examples claimed by the learner.", namespace=ns, registry=r)
+        self.feedback_quarantined = Counter("feedback_quarantined", "Acknowledged examples kept out of the replay "
+                                            "reservoir: their candidate lost on the reference or golden set.",
+                                            namespace=ns, registry=r)
         self.buffer_acknowledged = Counter("buffer_acknowledged", "Examples acknowledged by the learner.",
                                            namespace=ns, registry=r)
         # --- learner ---------------------------------------------------------------
@@ -107,7 +110,8 @@ METRIC_NAMES = frozenset({
     "loraloop_request_log_errors_total", "loraloop_inference_errors_total", "loraloop_feedback_events_total",
     "loraloop_judged_total", "loraloop_correct_total",
     "loraloop_paired_judged_total", "loraloop_buffer_depth", "loraloop_buffer_claimed_total",
-    "loraloop_buffer_acknowledged_total", "loraloop_learner_cycles_total", "loraloop_learner_cycle_seconds",
+    "loraloop_buffer_acknowledged_total", "loraloop_feedback_quarantined_total", "loraloop_learner_cycles_total",
+    "loraloop_learner_cycle_seconds",
     "loraloop_learner_last_cycle_timestamp_seconds", "loraloop_train_loss", "loraloop_eval_accuracy",
     "loraloop_promotions_total", "loraloop_rollbacks_total", "loraloop_build_info",
     "loraloop_guard_decisions_total",

@@ -106,7 +106,15 @@ class Settings(BaseSettings):
                                     "at the cost of embedding them.")
     holdout_fraction: float = Field(0.2, gt=0, lt=1, description="Most recent share of new feedback kept for evaluation.")
     golden_path: str = Field("", description="Optional text,label CSV every candidate is also evaluated on.")
-    gate_tolerance: float = Field(0.02, ge=0, description="Most accuracy a candidate may lose on golden set and known labels.")
+    gate_tolerance: float = Field(0.02, ge=0, description="Most accuracy a candidate may lose on golden set, "
+                                  "reference set and known labels.")
+    gate_alpha: float = Field(0.05, gt=0, lt=1, description="Significance level of the gate's reference-set test "
+                              "(a candidate is rejected there only for a loss beyond gate_tolerance that is significant).")
+    reference_share: float = Field(0.1, ge=0, lt=1, description="Share of labelled requests (chosen by a hash of the "
+                                   "request id) the learner never trains on: its own reference set, on which every "
+                                   "candidate must not lose to the live version (0: off).")
+    reference_per_label: int = Field(20, ge=1, description="Most reference examples per label a candidate is "
+                                     "evaluated on.")
     seed: int = Field(0, description="Seed of training and sampling.")
 
     # --- metrics, health, guard --------------------------------------------------------
@@ -114,6 +122,9 @@ class Settings(BaseSettings):
     prometheus_url: str = Field("", description="Prometheus HTTP API for the guard (empty: read in-process metrics).")
     guard_window_s: float = Field(120.0, gt=0, description="How long the guard watches a promotion.")
     guard_min_judged: int = Field(100, ge=1, description="Judged requests needed before the guard decides.")
+    guard_max_watch_s: float = Field(3600.0, gt=0, description="Longest the guard waits for guard_min_judged judged "
+                                     "requests (quiet traffic) before keeping a promotion as insufficient_evidence; "
+                                     "workers shadow-score as long.")
     guard_alpha: float = Field(0.01, gt=0, lt=1, description="Significance level of the guard's correctness test.")
     guard_max_p99_ratio: float = Field(1.5, gt=1, description="Largest p99 latency ratio new/old before rollback.")
     guard_low_confidence: float = Field(0.5, gt=0, lt=1, description="A prediction below this score counts as low-confidence.")
@@ -122,7 +133,7 @@ class Settings(BaseSettings):
     guard_max_dead_letter_increase: float = Field(0.05, gt=0, le=1, description="Largest rise in the dead-letter "
                                                   "share of consumed requests new vs old before rollback.")
     shadow_fraction: float = Field(0.25, ge=0, le=1, description="After a swap, the share of requests also scored by "
-                                   "the replaced adapter (for three guard windows), so the guard compares both on the "
+                                   "the replaced adapter (while the guard may watch), so the guard compares both on the "
                                    "same traffic; 0: off.")
     guard_poll_s: float = Field(5.0, gt=0, description="How often the guard reads its metric source.")
 

@@ -15,7 +15,7 @@ Regressions (any one rolls back, as soon as it is established):
 
 * **correctness** -- live correctness (``correct / judged``) lower than the old version's,
   by a one-sided test at ``guard_alpha`` (Fisher's exact test; a two-proportion z-test
-  above :data:`EXACT_TEST_MAX_N` judged), and only once ``guard_min_judged`` predictions of
+  above :data:`loraloop.stats.EXACT_TEST_MAX_N` judged), and only once ``guard_min_judged`` predictions of
   the new version were judged: 5 unlucky events never roll back;
 * **p99 latency** -- end-to-end p99 over the whole window more than ``guard_max_p99_ratio``
   times the old one's (both taken as at least :data:`P99_FLOOR_S`, below the histogram's
@@ -28,8 +28,9 @@ Regressions (any one rolls back, as soon as it is established):
 The share rises must also be significant at ``guard_alpha`` (so a handful of dead letters
 in a quiet minute is not a regression), and every check needs ``guard_min_judged``
 observations on both sides. Without a regression the new version is kept once
-``guard_window_s`` has passed with ``guard_min_judged`` judged; with fewer, the guard keeps
-watching up to three windows and then keeps it with reason ``insufficient_evidence``.
+``guard_window_s`` has passed with ``guard_min_judged`` judged; with fewer (quiet traffic, or
+traffic held back), the guard keeps watching until they arrive, up to ``guard_max_watch_s``,
+and then keeps it with reason ``insufficient_evidence``.
 
 The guard peeks at the evidence every poll, which makes its real false-alarm rate higher
 than ``guard_alpha`` (repeated testing); the default alpha of 0.01 leaves room for that.
@@ -50,6 +51,7 @@ from typing import Protocol
 from loraloop.metrics import Metrics
 from loraloop.registry import ActivePointer, AdapterRegistry, RegistryError, make_registry
 from loraloop.settings import Settings
+from loraloop.stats import paired_worse_p_value, worse_p_value
 from services.guard_sources import (
     DEFAULT_LOOKBACK_S,
     InProcessSource,
@@ -62,8 +64,7 @@ from services.guard_sources import (
 logger = logging.getLogger(__name__)
 
 WAIT, KEEP, ROLLBACK = "wait", "keep", "rollback"
-EXTRA_WINDOWS = 3  # without enough judged, watch up to this many windows, then keep
-EXACT_TEST_MAX_N = 20_000  # Fisher's exact test up to this many judged in all, the z-test above
+BASELINE_WINDOWS = 3  # the replaced version's baseline spans at least this many windows
 P99_FLOOR_S = 0.01  # p99 latencies are compared as at least this (histogram resolution)
 P99_MIN_SERVED = 200  # predictions on each side before a p99 is compared (the top 1 % is then 2+ of them)
 LOG_EVERY_S = 30.0
@@ -74,6 +75,7 @@ class GuardThresholds(Protocol):
 
     guard_window_s: float
     guard_min_judged: int
+    guard_max_watch_s: float
     guard_alpha: float
     guard_max_p99_ratio: float
     guard_max_low_confidence_increase: float
@@ -89,58 +91,12 @@ class Decision:
     evidence: dict = field(default_factory=dict)
 
 
-# --- statistics ---------------------------------------------------------------------------------
-def _log_comb(n: int, k: int) -> float:
-    return math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
-
-
-def worse_p_value(new_ok: float, new_n: float, old_ok: float, old_n: float) -> float:
-    """One-sided p-value of "the new rate of ok outcomes is lower than the old one".
-
-    Fisher's exact test (lower tail of the hypergeometric law of ``new_ok`` given the
-    margins) while ``new_n + old_n <= EXACT_TEST_MAX_N``, a pooled two-proportion z-test
-    above. Counts are rounded (Prometheus sums are floats). Returns 1.0 without data.
-    """
-    a, n1, c, n2 = (int(round(x)) for x in (new_ok, new_n, old_ok, old_n))
-    a, c = min(max(a, 0), n1), min(max(c, 0), n2)
-    if n1 <= 0 or n2 <= 0:
-        return 1.0
-    total, ok = n1 + n2, a + c
-    if total <= EXACT_TEST_MAX_N:
-        lowest = max(0, n1 - (total - ok))
-        denominator = _log_comb(total, n1)
-        terms = [_log_comb(ok, k) + _log_comb(total - ok, n1 - k) - denominator for k in range(lowest, a + 1)]
-        top = max(terms)
-        return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in terms))
-    pooled = ok / total
-    se = math.sqrt(pooled * (1 - pooled) * (1 / n1 + 1 / n2))
-    if se == 0:
-        return 1.0
-    z = (a / n1 - c / n2) / se
-    return 0.5 * math.erfc(-z / math.sqrt(2))
-
-
 # --- the decision -------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class _Check:
     name: str
     regressed: bool
     evidence: dict
-
-
-def paired_worse_p_value(new_only: float, old_only: float) -> float:
-    """One-sided exact McNemar test of "the new version is right less often than the old one on the same requests".
-
-    Only discordant pairs carry evidence: under no difference, ``old_only`` among the
-    ``new_only + old_only`` discordant pairs is Binomial(n, 1/2); the p-value is its upper tail.
-    """
-    b, c = int(round(old_only)), int(round(new_only))
-    n = b + c
-    if n == 0:
-        return 1.0
-    terms = [_log_comb(n, k) - n * math.log(2) for k in range(b, n + 1)]
-    top = max(terms)
-    return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in terms))
 
 
 def _enough_judged(new: VersionStats, t: GuardThresholds) -> bool:
@@ -229,7 +185,7 @@ def decide(new: VersionStats, old: VersionStats, thresholds: GuardThresholds, el
     Returns:
         ``rollback`` with the first regressed check as reason (correctness, p99_latency,
         low_confidence, dead_letters); ``keep`` with ``no_regression`` after the window with
-        enough judged, or ``insufficient_evidence`` after three windows without; else ``wait``.
+        enough judged, or ``insufficient_evidence`` after ``guard_max_watch_s`` without; else ``wait``.
     """
     checks = [check(new, old, thresholds, elapsed_s) for check in CHECKS]
     evidence = {"elapsed_s": round(elapsed_s, 3), "new": asdict(new), "old": asdict(old),
@@ -241,7 +197,7 @@ def decide(new: VersionStats, old: VersionStats, thresholds: GuardThresholds, el
     enough = _enough_judged(new, thresholds)
     if elapsed_s >= window and enough:
         return Decision(KEEP, "no_regression" if old.judged > 0 else "no_baseline", evidence)
-    if elapsed_s >= EXTRA_WINDOWS * window:
+    if elapsed_s >= max(window, thresholds.guard_max_watch_s):
         return Decision(KEEP, "insufficient_evidence", evidence)
     return Decision(WAIT, "window_open" if enough else "need_judged", evidence)
 
@@ -319,14 +275,14 @@ class RollbackGuard:
         Args:
             pointer: the registry's active pointer.
             resume: the guard just started: watch the active version only if it was promoted
-                less than three windows ago (a restarted guard picks up an open watch).
+                less than ``guard_max_watch_s`` ago (a restarted guard picks up an open watch).
         """
         if pointer.generation == self._generation:
             return
         self._generation = pointer.generation
         promotion = promotion_of(pointer)
         since = pointer.updated_at or self.clock()
-        if promotion is not None and resume and self.clock() - since > EXTRA_WINDOWS * self.settings.guard_window_s:
+        if promotion is not None and resume and self.clock() - since > self.settings.guard_max_watch_s:
             promotion = None
         if self.watch is not None and (promotion is None or promotion[0] != self.watch.version):
             logger.info("active pointer moved to %s (%s): no longer watching %s", pointer.version,
@@ -443,7 +399,7 @@ def _summary(decision: Decision) -> str:
 # --- wiring -------------------------------------------------------------------------------------
 def make_source(settings: Settings, metrics: Metrics) -> MetricSource:
     """Prometheus when ``settings.prometheus_url`` is set, else this process's metrics."""
-    lookback = max(DEFAULT_LOOKBACK_S, EXTRA_WINDOWS * settings.guard_window_s)
+    lookback = max(DEFAULT_LOOKBACK_S, BASELINE_WINDOWS * settings.guard_window_s)
     if settings.prometheus_url:
         return PrometheusSource(settings.prometheus_url, settings.guard_low_confidence, lookback_s=lookback)
     return InProcessSource(metrics.registry, settings.guard_low_confidence, lookback_s=lookback)

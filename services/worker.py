@@ -94,7 +94,6 @@ def default_chunk_overhead(device: torch.device) -> float:
         (40.0, inf)
     """
     return CHUNK_OVERHEAD_TOKENS if device.type == "cpu" else math.inf
-SHADOW_WINDOWS = 3  # shadow-score as long as the guard may watch a promotion (it keeps watching up to 3 windows)
 
 
 @dataclass(frozen=True)
@@ -241,7 +240,9 @@ class InferenceWorker:
         pause = time.perf_counter() - started
         self.swap_log.append((time.time(), swap.version, pause))
         if previous is not None and self.settings.shadow_fraction > 0:  # the guard compares both on the same traffic
-            self._shadow = (previous, time.monotonic() + SHADOW_WINDOWS * self.settings.guard_window_s)
+            # shadow-score as long as the guard may watch the promotion
+            watch_s = max(self.settings.guard_window_s, self.settings.guard_max_watch_s)
+            self._shadow = (previous, time.monotonic() + watch_s)
         m = self.metrics
         m.adapter_swaps.labels(outcome="ok").inc()
         m.swap_seconds.observe(time.monotonic() - swap.seen_at)

@@ -35,7 +35,7 @@ from services.guard_sources import (
 )
 from tests.infra import free_port, http_status
 
-T = Settings(guard_window_s=60, guard_min_judged=50, guard_alpha=0.01, guard_max_p99_ratio=1.5,
+T = Settings(guard_window_s=60, guard_min_judged=50, guard_max_watch_s=600, guard_alpha=0.01, guard_max_p99_ratio=1.5,
              guard_max_low_confidence_increase=0.2, guard_max_dead_letter_increase=0.05)
 OLD = VersionStats("old", judged=1000, correct=900, consumed=2000, dead_letters=10, p99_latency_s=0.1,
                    low_confidence_share=0.1, served=2000)
@@ -53,7 +53,9 @@ def _new(**kw: float) -> VersionStats:
     # 5 unlucky events: all wrong, but far below guard_min_judged -> never a rollback
     (_new(judged=5, correct=0, served=5, consumed=5), 10, WAIT, "need_judged"),
     (_new(judged=5, correct=0, served=5, consumed=5), 90, WAIT, "need_judged"),
-    (_new(judged=5, correct=0, served=5, consumed=5), 180, KEEP, "insufficient_evidence"),
+    # quiet traffic: keep watching past the window until guard_min_judged arrive, up to guard_max_watch_s
+    (_new(judged=5, correct=0, served=5, consumed=5), 180, WAIT, "need_judged"),
+    (_new(judged=5, correct=0, served=5, consumed=5), 600, KEEP, "insufficient_evidence"),
     # a clear correctness regression rolls back as soon as min judged is reached, window or not
     (_new(judged=60, correct=20), 5, ROLLBACK, "correctness"),
     (_new(judged=200, correct=100), 5, ROLLBACK, "correctness"),

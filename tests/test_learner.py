@@ -11,8 +11,8 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from learner.cycle import build_learner
-from learner.dataset import Labelled, Negative, build_training_set, resolve
-from learner.gate import Scores, decide
+from learner.dataset import Labelled, Negative, build_training_set, is_reference, reference_rows, resolve
+from learner.gate import Paired, Scores, decide
 from learner.train import _loss
 from learner.trigger import OpsTriggers, due
 from loraloop.buffer.memory import MemoryFeedbackBuffer
@@ -72,6 +72,20 @@ def test_gate(candidate: Scores, active: Scores | None, promote: bool, why: str)
     assert decision.promote is promote and why in decision.reason
 
 
+@pytest.mark.parametrize(("reference", "pairs", "promote"), [
+    ((0.70, 0.80), Paired(candidate_only=1, active_only=11), False),  # 10 rows lost net, significant
+    ((0.78, 0.80), Paired(candidate_only=3, active_only=5), True),  # within tolerance
+    ((0.70, 0.80), Paired(candidate_only=12, active_only=20), True),  # beyond tolerance, not significant (p=0.11)
+    ((0.70, 0.80), None, False),  # no pairs: the tolerance alone decides
+])
+def test_gate_reference_set_needs_a_significant_loss(reference, pairs, promote) -> None:
+    cand = Scores(1.0, 1.0, None, 50, 40, reference=reference[0], n_reference=100)
+    act = Scores(0.5, 1.0, None, 50, 40, reference=reference[1], n_reference=100)
+    decision = decide(cand, act, tolerance=0.02, reference_pairs=pairs, alpha=0.05)
+    assert decision.promote is promote, decision.reason
+    assert decision.suspect_feedback is (not promote)
+
+
 def test_triggers_and_cross_process_ops_requests(tmp_path: Path) -> None:
     assert due(10, 0, 5, False, 60, 100) is None
     assert due(10, 0, 100, False, 60, 100) == "count"
@@ -100,8 +114,17 @@ def env(base_dir: Path, tmp_path: Path):
     golden = tmp_path / "golden.csv"
     rng = random.Random(1)
     golden.write_text("text,label\n" + "".join(f"{_text(rng, y)},{y}\n" for y in "ab" * 15))
+    yield from _env(base_dir, tmp_path, golden_path=str(golden))
+
+
+@pytest.fixture
+def env_without_golden(base_dir: Path, tmp_path: Path):
+    yield from _env(base_dir, tmp_path, reference_share=0.4)  # a reference set large enough for a toy stream
+
+
+def _env(base_dir: Path, tmp_path: Path, **overrides):
     settings = Settings(base_model=str(base_dir), registry_url=str(tmp_path / "registry"), label_capacity=8,
-                        epochs=1, claim_idle_s=0.5, golden_path=str(golden))
+                        epochs=1, claim_idle_s=0.5, **overrides)
     buffer = MemoryFeedbackBuffer(1000, "reject", 50, settings.claim_idle_s, 600)
     registry = make_registry(settings)
     metrics = Metrics(CollectorRegistry())
@@ -144,13 +167,45 @@ def test_an_empty_cycle_trains_nothing(env) -> None:
 
 def test_poisoned_feedback_is_rejected_by_the_gate(env) -> None:
     learner, buffer, registry, _, first, rng = env
-    _feed(buffer, rng, "b" * 60, 0, truth="a")  # every "a" text labelled "b"
+    _feed(buffer, rng, "b" * 150, 0, truth="a")  # every "a" text labelled "b"
     eager = learner.settings.model_copy(update={"epochs": 5, "head_learning_rate": 0.05})  # learns the poison
     learner.settings = learner.trainer.settings = eager
     outcome = learner.run_cycle("count")
-    assert outcome.outcome == "rejected" and "golden" in outcome.reason
+    assert outcome.outcome == "rejected" and "golden" in outcome.reason, (outcome.candidate, outcome.active)
     assert registry.active().version == first
     assert (Path(registry.url) / "status" / f"{outcome.version}.json").exists()
+    assert outcome.quarantined  # suspect feedback stays out of the replay reservoir
+    assert not any(e.event_id.startswith("e") for e in buffer.replay_sample(10**6, seed=0))
+
+
+def test_without_a_golden_set_the_reference_set_rejects_poison(env_without_golden) -> None:
+    learner, buffer, registry, metrics, _, rng = env_without_golden
+    share = learner.settings.reference_share
+    _feed(buffer, rng, "ab" * 50, 0)  # clean feedback: its reference requests join the reference set
+    clean = learner.run_cycle("count")
+    assert clean.reference_held > 0 and not clean.quarantined, clean.reason
+    reference = [e for e in buffer.replay_sample(10**6, seed=0) if is_reference(e.request_id, share)]
+    assert 0 < len(reference) <= clean.reference_held + sum(is_reference(f"bootstrap-{i}", share) for i in range(60))
+    live = registry.active().version
+    _feed(buffer, rng, "b" * 150, 1000, truth="a")  # every "a" text labelled "b"
+    learner.settings = learner.trainer.settings = learner.settings.model_copy(
+        update={"epochs": 5, "head_learning_rate": 0.05})  # learns the poison
+    outcome = learner.run_cycle("count")
+    assert outcome.outcome == "rejected" and "reference set" in outcome.reason, (outcome.candidate, outcome.reason)
+    assert outcome.candidate["holdout"] > outcome.active["holdout"]  # the poisoned holdout alone would promote it
+    assert outcome.quarantined and registry.active().version == live
+    assert outcome.reference_rows == len(reference_rows(reference, learner.settings.reference_per_label))
+    replayed = {e.event_id for e in buffer.replay_sample(10**6, seed=0)}
+    assert not any(f"e{i}" in replayed for i in range(1000, 1150))
+    assert metrics.registry.get_sample_value("loraloop_feedback_quarantined_total") == 150
+
+
+def test_reference_requests_are_never_trained_on() -> None:
+    new = [_ex(i, f"r{i}", "ab"[i % 2], text=f"new{i}") for i in range(200)]
+    data = build_training_set(new, [], holdout_fraction=0.2, seed=0, reference_share=0.1)
+    used = {r.text for r in data.train + data.holdout}
+    held = {f"new{i}" for i in range(200) if is_reference(f"r{i}", 0.1)}
+    assert data.reference_held == len(held) > 0 and not used & held and len(used) == 200 - len(held)
 
 
 @pytest.mark.parametrize(("replay_ratio", "per_label"), [(1.0, 100), (1.0, 5), (0.0, 100)])
@@ -164,7 +219,8 @@ def test_the_head_is_refitted_on_the_reservoir_not_only_the_replay_sample(env, m
     monkeypatch.setattr(learner.trainer, "fit_head", lambda m, lm, rows: fitted.extend(rows) or fit_head(m, lm, rows))
     monkeypatch.setattr(learner.trainer, "finetune",
                         lambda m, lm, rows, *a, **k: trained.extend(rows) or finetune(m, lm, rows, *a, **k))
-    reservoir = {(e.text, e.label) for e in buffer.replay_sample(10**6, 0)}  # the 60 bootstrap rows, deduplicated
+    reservoir = {(e.text, e.label) for e in buffer.replay_sample(10**6, 0)  # the bootstrap rows, deduplicated,
+                 if not is_reference(e.request_id, learner.settings.reference_share)}  # less the reference set
     _feed(buffer, random.Random(5), "c" * 10, 0)
     outcome = learner.run_cycle("count")
     head, train = [(r.text, r.label) for r in fitted], {(r.text, r.label) for r in trained}

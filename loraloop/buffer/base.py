@@ -62,8 +62,12 @@ class FeedbackBuffer(abc.ABC):
         """Up to ``max_items`` unacknowledged examples (expired claims first)."""
 
     @abc.abstractmethod
-    def acknowledge(self, claim: Claim) -> None:
-        """The cycle that used ``claim`` recorded its outcome: drop it, keep a replay sample."""
+    def acknowledge(self, claim: Claim, remember: bool = True) -> None:
+        """The cycle that used ``claim`` recorded its outcome: drop it, keep a replay sample.
+
+        ``remember=False`` quarantines the claim: dropped without entering the replay
+        reservoir (its candidate lost on data outside the claim, so the feedback is suspect).
+        """
 
     @abc.abstractmethod
     def depth(self) -> int:

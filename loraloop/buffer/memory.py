@@ -76,11 +76,11 @@ class MemoryFeedbackBuffer(FeedbackBuffer):
                 self._claims[claim_id] = (now, taken)
             return Claim(claim_id, [e for _, e in taken], tuple(i for i, _ in taken))
 
-    def acknowledge(self, claim: Claim) -> None:
+    def acknowledge(self, claim: Claim, remember: bool = True) -> None:
         with self._lock:
             entry = self._claims.pop(claim.claim_id, None)
-            if entry is None:
-                return  # already acknowledged, or expired and handed out again
+            if entry is None or not remember:
+                return  # already acknowledged, or expired and handed out again; or quarantined
             for _, example in entry[1]:
                 self._reservoir.offer(example)
 

@@ -145,13 +145,13 @@ class RedisFeedbackBuffer(FeedbackBuffer):
         return Claim(uuid.uuid4().hex, examples, ids)
 
     @_wrap("buffer acknowledge")
-    def acknowledge(self, claim: Claim) -> None:
+    def acknowledge(self, claim: Claim, remember: bool = True) -> None:
         if not claim.ids:
             return
         self._ensure_group()
         acked = self.client.xack(self.stream, GROUP, *claim.ids)
         self.client.xdel(self.stream, *claim.ids)
-        if acked:
+        if acked and remember:
             for example in claim.examples:
                 self._offer(example)
 

@@ -92,6 +92,17 @@ def test_replay_reservoir_is_label_balanced_and_seeded(backend, request):
     assert all(e.label is not None for e in buffer.replay_sample(100, seed=1))  # thumbs-down not replayed
 
 
+def test_quarantined_claim_is_dropped_without_entering_the_reservoir(backend, request):
+    buffer, _ = _make(backend, request)
+    for i in range(4):
+        buffer.append(_example(i, "a"))
+    buffer.acknowledge(buffer.claim("l", 2), remember=False)
+    assert buffer.replay_sample(10, seed=0) == []
+    assert (buffer.depth(), buffer.pending()) == (2, 2)  # gone from the queue all the same
+    buffer.acknowledge(buffer.claim("l", 2))
+    assert sorted(e.event_id for e in buffer.replay_sample(10, seed=0)) == ["e2", "e3"]
+
+
 def test_remember_seeds_the_reservoir_without_queueing(backend, request):
     buffer, _ = _make(backend, request)
     buffer.remember([_example(i, "ab"[i % 2]) for i in range(6)] + [_example(50, None, kind="thumbs_down")])

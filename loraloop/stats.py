@@ -1,0 +1,59 @@
+"""Small one-sided tests shared by the learner's gate and the rollback guard: is the new version worse?
+
+Example:
+    >>> round(paired_worse_p_value(new_only=2, old_only=10), 4)  # 10 of 12 discordant rows favour the old version
+    0.0193
+    >>> paired_worse_p_value(new_only=5, old_only=5) > 0.5
+    True
+"""
+
+from __future__ import annotations
+
+import math
+
+EXACT_TEST_MAX_N = 20_000  # Fisher's exact test up to this many judged in all, the z-test above
+
+
+def _log_comb(n: int, k: int) -> float:
+    return math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
+
+
+def worse_p_value(new_ok: float, new_n: float, old_ok: float, old_n: float) -> float:
+    """One-sided p-value of "the new rate of ok outcomes is lower than the old one".
+
+    Fisher's exact test (lower tail of the hypergeometric law of ``new_ok`` given the
+    margins) while ``new_n + old_n <= EXACT_TEST_MAX_N``, a pooled two-proportion z-test
+    above. Counts are rounded (Prometheus sums are floats). Returns 1.0 without data.
+    """
+    a, n1, c, n2 = (int(round(x)) for x in (new_ok, new_n, old_ok, old_n))
+    a, c = min(max(a, 0), n1), min(max(c, 0), n2)
+    if n1 <= 0 or n2 <= 0:
+        return 1.0
+    total, ok = n1 + n2, a + c
+    if total <= EXACT_TEST_MAX_N:
+        lowest = max(0, n1 - (total - ok))
+        denominator = _log_comb(total, n1)
+        terms = [_log_comb(ok, k) + _log_comb(total - ok, n1 - k) - denominator for k in range(lowest, a + 1)]
+        top = max(terms)
+        return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in terms))
+    pooled = ok / total
+    se = math.sqrt(pooled * (1 - pooled) * (1 / n1 + 1 / n2))
+    if se == 0:
+        return 1.0
+    z = (a / n1 - c / n2) / se
+    return 0.5 * math.erfc(-z / math.sqrt(2))
+
+
+def paired_worse_p_value(new_only: float, old_only: float) -> float:
+    """One-sided exact McNemar test of "the new version is right less often than the old one on the same requests".
+
+    Only discordant pairs carry evidence: under no difference, ``old_only`` among the
+    ``new_only + old_only`` discordant pairs is Binomial(n, 1/2); the p-value is its upper tail.
+    """
+    b, c = int(round(old_only)), int(round(new_only))
+    n = b + c
+    if n == 0:
+        return 1.0
+    terms = [_log_comb(n, k) - n * math.log(2) for k in range(b, n + 1)]
+    top = max(terms)
+    return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in terms))
