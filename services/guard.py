@@ -21,7 +21,9 @@ Regressions (any one rolls back, as soon as it is established):
   times the old one's (both taken as at least :data:`P99_FLOOR_S`, below the histogram's
   resolution); checked once the window is over, with :data:`P99_MIN_SERVED` predictions a side;
 * **low confidence** -- the share of predictions scoring at or below
-  ``guard_low_confidence`` up by more than ``guard_max_low_confidence_increase``;
+  ``guard_low_confidence`` up by more than ``guard_max_low_confidence_increase`` (reported but
+  not a regression for a version that adds labels: its probability is spread over more of
+  them, and the traffic that brought the new labels is new to the old version's baseline);
 * **dead letters** -- the share of consumed requests dead-lettered up by more than
   ``guard_max_dead_letter_increase``.
 
@@ -173,7 +175,12 @@ CHECKS: tuple[Callable[[VersionStats, VersionStats, GuardThresholds, float], _Ch
     _check_correctness, _check_latency, _check_low_confidence, _check_dead_letters)
 
 
-def decide(new: VersionStats, old: VersionStats, thresholds: GuardThresholds, elapsed_s: float) -> Decision:
+def _informational(check: _Check, why: str) -> _Check:
+    return _Check(check.name, False, {**check.evidence, "ignored": why, "would_regress": check.regressed})
+
+
+def decide(new: VersionStats, old: VersionStats, thresholds: GuardThresholds, elapsed_s: float,
+           adds_labels: bool = False) -> Decision:
     """Wait, keep or roll back a promoted version, from its stats and its predecessor's.
 
     Args:
@@ -181,6 +188,8 @@ def decide(new: VersionStats, old: VersionStats, thresholds: GuardThresholds, el
         old: the version it replaced (its baseline window).
         thresholds: the ``guard_*`` settings.
         elapsed_s: seconds since the promotion.
+        adds_labels: the new version knows labels the old one did not (low confidence is then
+            reported, not judged).
 
     Returns:
         ``rollback`` with the first regressed check as reason (correctness, p99_latency,
@@ -188,6 +197,9 @@ def decide(new: VersionStats, old: VersionStats, thresholds: GuardThresholds, el
         enough judged, or ``insufficient_evidence`` after ``guard_max_watch_s`` without; else ``wait``.
     """
     checks = [check(new, old, thresholds, elapsed_s) for check in CHECKS]
+    if adds_labels:
+        checks = [_informational(c, "the new version adds labels") if c.name == "low_confidence" else c
+                  for c in checks]
     evidence = {"elapsed_s": round(elapsed_s, 3), "new": asdict(new), "old": asdict(old),
                 "checks": {c.name: c.evidence for c in checks}}
     regressed = [c.name for c in checks if c.regressed]
@@ -212,6 +224,7 @@ class Watch:
     since_ts: float
     generation: int
     next_check: float = 0.0
+    adds_labels: bool = False
 
 
 @dataclass(frozen=True)
@@ -292,9 +305,19 @@ class RollbackGuard:
             return
         version, previous = promotion
         self.source.begin(version, previous, since)
-        self.watch = Watch(version, previous, since, pointer.generation, next_check=self.clock())
+        self.watch = Watch(version, previous, since, pointer.generation, next_check=self.clock(),
+                           adds_labels=self._adds_labels(version, previous))
         logger.info("watching %s (replaced %s) for %.0f s / %d judged", version, previous,
                     self.settings.guard_window_s, self.settings.guard_min_judged)
+
+    def _adds_labels(self, version: str, previous: str) -> bool:
+        """Whether ``version`` has more labels than ``previous`` (the learner records ``labels``)."""
+        try:
+            counts = [self.registry.show(v).metadata.get("labels") for v in (version, previous)]
+        except RegistryError as e:
+            logger.warning("cannot read the label counts of %s and %s: %s", version, previous, e)
+            return False
+        return all(isinstance(c, int) for c in counts) and counts[0] > counts[1]
 
     # --- checks ------------------------------------------------------------------------------
     def check(self) -> Decision | None:
@@ -310,7 +333,7 @@ class RollbackGuard:
         except SourceError as e:
             self._log_error("guard cannot read its metrics (%s); still watching %s", e, watch.version)
             return None
-        decision = decide(new, old, self.settings, now - watch.since_ts)
+        decision = decide(new, old, self.settings, now - watch.since_ts, watch.adds_labels)
         if decision.action == WAIT:
             logger.debug("%s: waiting (%s): %d judged, accuracy %s vs %s", watch.version, decision.reason,
                          new.judged, new.accuracy, old.accuracy)

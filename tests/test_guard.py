@@ -94,6 +94,29 @@ def test_tiny_latencies_are_compared_at_the_histogram_floor() -> None:
     assert decide(_new(p99_latency_s=0.05), old, T, 61).reason == "p99_latency"
 
 
+def test_low_confidence_is_reported_not_judged_for_a_version_that_adds_labels() -> None:
+    spread = _new(low_confidence_share=0.45)
+    assert decide(spread, OLD, T, 5).reason == "low_confidence"
+    decision = decide(spread, OLD, T, 61, adds_labels=True)
+    assert (decision.action, decision.reason) == (KEEP, "no_regression")
+    assert decision.evidence["checks"]["low_confidence"]["would_regress"] is True
+    worse = _new(judged=200, correct=100, low_confidence_share=0.45)
+    assert decide(worse, OLD, T, 5, adds_labels=True).reason == "correctness"  # the other checks still judge
+
+
+def test_the_guard_reads_from_the_registry_whether_a_promotion_adds_labels(adapters: dict[str, Path],
+                                                                          tmp_path: Path) -> None:
+    settings = Settings(registry_url=str(tmp_path / "registry"))
+    registry = make_registry(settings)
+    guard = build_guard(settings, registry=registry, metrics=Metrics(CollectorRegistry()))
+    two, three, again = (registry.publish(adapters[name], metadata={"labels": n})
+                         for name, n in (("v1", 2), ("good", 3), ("bad", 3)))
+    for version, adds in ((two, None), (three, True), (again, False)):
+        registry.promote(version, reason="test")
+        guard.observe(registry.active())
+        assert (guard.watch.adds_labels if guard.watch else None) is adds
+
+
 def test_without_a_baseline_only_the_window_decides() -> None:
     decision = decide(_new(judged=200, correct=10), VersionStats("old"), T, 61)
     assert (decision.action, decision.reason) == (KEEP, "no_baseline")

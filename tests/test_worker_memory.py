@@ -408,7 +408,7 @@ def test_length_chunking_gives_the_same_predictions(stack: Stack) -> None:
 
 
 def test_after_a_swap_the_replaced_adapter_shadow_scores_a_sample_for_the_guard(tmp_path: Path, base_dir: Path) -> None:
-    stack = Stack(tmp_path, base_dir, shadow_fraction=0.5, guard_window_s=0.5)
+    stack = Stack(tmp_path, base_dir, shadow_fraction=0.5, guard_window_s=0.5, guard_max_watch_s=1.5)
     va = stack.registry.promote(stack.publish(LABELS, "a")).version
     vb = stack.publish(LABELS, "b")
     with stack.worker() as worker:
@@ -421,7 +421,7 @@ def test_after_a_swap_the_replaced_adapter_shadow_scores_a_sample_for_the_guard(
         ids = stack.requests(200, "after")
         serve_until(worker, lambda: len(stack.predictions()) == 220)
         assert time.monotonic() - shadowed_at < 1.5, "the batch outlived the shadow window: test too slow"
-        time.sleep(1.6)  # three guard windows of 0.5 s: shadow scoring ends
+        time.sleep(1.6)  # guard_max_watch_s, the longest the guard may watch: shadow scoring ends
         late = stack.requests(50, "late")
         serve_until(worker, lambda: len(stack.predictions()) == 270)
     assert all(stack.request_log.get(f"before{i:04d}").shadow_version is None for i in range(20))
