@@ -139,6 +139,7 @@ class Job:
     settings: dict
     windows: int = 20
     poison: bool = False
+    poison_share: float = 0.2
     oracle_finetune: bool = True
     threads: int = 0
     bootstrap_per_label: int = 40
@@ -189,8 +190,8 @@ def _demo_class():
 
 def _poison_report(demo, job: Job, cycles: list[dict], final: str | None) -> dict:
     """Which versions learned from the adversarial burst, and whether one is active at the end."""
-    n, share = len(demo.judged_at), demo.config.poison_share
-    first, last = int(job.requests * 0.55), min(n, int(job.requests * 0.55 + job.requests * share)) - 1
+    n, window = len(demo.judged_at), demo.config.poison_window
+    first, last = int(job.requests * 0.55), min(n, int(job.requests * 0.55 + job.requests * window)) - 1
     if n == 0 or first > last:
         return {"poisoned_versions": [], "poisoned_versions_promoted": [], "poisoned_version_active_at_end": False}
     bad = poisoned_versions(cycles, demo.judged_at[first], demo.judged_at[last])
@@ -210,7 +211,8 @@ def run_live(job: Job) -> dict:
     config = DemoConfig(out=Path(job.out), dataset=job.train, test_dataset=job.test, text_column=job.text_column,
                         label_column=job.label_column, requests=job.requests, rate=job.rate,
                         feedback_fraction=job.feedback_fraction, noise=job.noise, max_test=job.max_test,
-                        bootstrap_per_label=job.bootstrap_per_label, poison=job.poison, seed=job.seed,
+                        bootstrap_per_label=job.bootstrap_per_label, poison=job.poison, poison_share=job.poison_share,
+                        seed=job.seed,
                         learn=job.system != "static", pace_with_learner=True)
     demo = _demo_class()(_settings(job), config)
     summary = demo.run()
@@ -234,6 +236,10 @@ def run_live(job: Job) -> dict:
             "promotions": summary["promotions"], "rejections": summary["rejections"], "rollbacks": summary["rollbacks"],
             "cycles": len(cycles),
             "learner_time_s": round(sum(sum((c.get("timings") or {}).values()) for c in cycles), 2),
+            "quarantined_examples": sum(c.get("examples", 0) for c in cycles if c.get("quarantined")),
+            "gate_log": [{"version": c.get("version"), "outcome": c.get("outcome"), "reason": c.get("reason"),
+                          "reference_rows": c.get("reference_rows"), "quarantined": c.get("quarantined", False)}
+                         for c in cycles],
         })
     if job.system != "static" and demo.guard is not None:
         result["guard_decisions"] = [{"version": e.version, "action": e.action, "reason": e.reason,
@@ -390,7 +396,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--noise", type=float, default=0.05, help="Share of user labels that are wrong.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the scenario and of training.")
     parser.add_argument("--poison", action="store_true",
-                        help="Also run loraloop with a burst of adversarial feedback and compare with the clean run.")
+                        help="Also run loraloop with a burst of adversarial feedback and compare with the clean run: "
+                        "from 55%% of the stream, for 20%% of it, a share --poison-share of the judged predictions "
+                        "get a label naming one known intent.")
+    parser.add_argument("--poison-share", type=float, default=0.2,
+                        help="Share of the burst's judged predictions whose label is flipped (default: 0.2; 1.0: all).")
     parser.add_argument("--systems", default=",".join(SYSTEMS),
                         help="Comma-separated subset of " + ",".join(SYSTEMS) + ", run in the order given")
     parser.add_argument("--bootstrap-per-label", type=int, default=40,
@@ -470,11 +480,13 @@ def main(argv: list[str] | None = None) -> int:
             run.save(quiet=True)
         if args.poison:
             print("\n=== loraloop_poisoned ===", flush=True)
-            poisoned_job = dataclasses.replace(job("loraloop", poison=True), out=str(tmp / "loraloop_poisoned"))
+            poisoned_job = dataclasses.replace(job("loraloop", poison=True, poison_share=args.poison_share),
+                                               out=str(tmp / "loraloop_poisoned"))
             out = _in_fresh_process(run_live, poisoned_job)
             run.traces["loraloop_poisoned"] = out["trace"]
             clean, poisoned = run.results["loraloop"]["final_accuracy"], out["result"]["final_accuracy"]
-            run.poison = {"clean_final_accuracy": clean, "poisoned_final_accuracy": poisoned,
+            run.poison = {"poison_share": args.poison_share, "clean_final_accuracy": clean,
+                          "poisoned_final_accuracy": poisoned,
                           "difference": round(poisoned - clean, 4), "poisoned": out["result"]}
             if "loraloop" not in args.systems:
                 run.results.pop("loraloop")

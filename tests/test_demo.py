@@ -74,3 +74,16 @@ def test_a_reused_output_folder_counts_only_this_runs_cycles(tiny_base: Path, tm
     recorded = [c["outcome"] for c in make_registry(settings.model_copy(update={"registry_url": cycles})).cycles()]
     assert recorded.count("promoted") + recorded.count("rejected") == (
         first["promotions"] + first["rejections"] + second["promotions"] + second["rejections"])
+
+
+@pytest.mark.parametrize("share", [0.2, 1.0])
+def test_simulated_users_flip_the_poison_share_of_judged_predictions(share: float) -> None:
+    from loraloop.demo.scenario import SimulatedUsers
+
+    users = SimulatedUsers(["a", "b", "c"], feedback_fraction=1.0, noise=0.0, seed=3, poison_target="c",
+                           poison_share=share)
+    verdicts = [users.judge("a", "a") for _ in range(2000)]
+    flipped = sum(v == ("label", "c") for v in verdicts) / len(verdicts)
+    assert flipped == pytest.approx(share, abs=0.03)
+    users.poison_target = None
+    assert all(users.judge("a", "a") != ("label", "c") for _ in range(200))  # the burst is over

@@ -21,7 +21,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--rate", type=float, default=25.0, help="Requests per second sent (default: 25).")
     parser.add_argument("--feedback-fraction", type=float, default=0.5, help="Share of predictions users judge.")
     parser.add_argument("--noise", type=float, default=0.05, help="Share of user labels that are wrong.")
-    parser.add_argument("--poison", action="store_true", help="Add a burst of adversarially flipped feedback.")
+    parser.add_argument("--poison", action="store_true", help="Add a burst of adversarially flipped feedback: from 55%% "
+                        "of the stream, for 20%% of it, a share --poison-share of the judged predictions get a label "
+                        "naming one known label.")
+    parser.add_argument("--poison-share", type=float, default=0.2,
+                        help="Share of the burst's judged predictions whose label is flipped (default: 0.2).")
     parser.add_argument("--pace-with-learner", action="store_true",
                         help="Hold traffic while the learner trains (results in requests, whatever the CPU speed).")
     parser.add_argument("--kafka", action="store_true", help="Use the Kafka at --kafka-bootstrap instead of in-memory.")
@@ -42,6 +46,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     config = DemoConfig(out=args.out, dataset=args.dataset, text_column=args.text_column,
                         label_column=args.label_column, requests=args.requests, rate=args.rate,
                         feedback_fraction=args.feedback_fraction, noise=args.noise, poison=args.poison,
+                        poison_share=args.poison_share,
                         pace_with_learner=args.pace_with_learner,
                         seed=settings.seed)
     summary = Demo(settings, config).run()

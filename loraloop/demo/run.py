@@ -49,7 +49,8 @@ class DemoConfig:
     test_fraction: float = 0.2
     max_test: int = 1500
     poison: bool = False
-    poison_share: float = 0.2
+    poison_window: float = 0.2  # the burst: this share of the stream, from 55% of it
+    poison_share: float = 0.2  # share of the judged predictions in the burst whose label is flipped
     seed: int = 0
     learn: bool = True  # False: the learner thread is not started (the "static" baseline)
     test_dataset: str | None = None  # a separate test CSV (same columns); the whole dataset is then the stream's
@@ -211,8 +212,8 @@ class Demo:
         from tqdm import tqdm
 
         cfg, s = self.config, self.settings
-        users = SimulatedUsers(labels, cfg.feedback_fraction, cfg.noise, cfg.seed)
-        poison_from, poison_to = (int(len(stream) * 0.55), int(len(stream) * 0.55 + len(stream) * cfg.poison_share))
+        users = SimulatedUsers(labels, cfg.feedback_fraction, cfg.noise, cfg.seed, poison_share=cfg.poison_share)
+        poison_from, poison_to = (int(len(stream) * 0.55), int(len(stream) * 0.55 + len(stream) * cfg.poison_window))
         producer = self.transport.producer()
         observer = self.transport.consumer([s.predictions_topic], f"demo-observer-{uuid.uuid4().hex[:6]}")
         events: list[tuple[int, str, str]] = []

@@ -68,8 +68,8 @@ class SimulatedUsers:
 
     For a judged prediction: when it is right, a ``thumbs_up`` (half the time) or the
     confirming ``label``; when it is wrong, the corrected ``label``. With probability
-    ``noise`` the given label is a random wrong one. ``poison_target`` makes every
-    label event say that label instead (an adversarial burst).
+    ``noise`` the given label is a random wrong one. ``poison_target`` makes a share
+    ``poison_share`` of the judged predictions a label event naming that label (an adversarial burst).
     """
 
     labels: list[str]
@@ -77,6 +77,7 @@ class SimulatedUsers:
     noise: float = 0.05
     seed: int = 0
     poison_target: str | None = None
+    poison_share: float = 1.0
 
     def __post_init__(self) -> None:
         self._rng = random.Random(self.seed)
@@ -86,7 +87,7 @@ class SimulatedUsers:
         rng = self._rng
         if rng.random() >= self.feedback_fraction:
             return None
-        if self.poison_target is not None:
+        if self.poison_target is not None and rng.random() < self.poison_share:
             return ("label", self.poison_target)
         given = truth
         if rng.random() < self.noise:
