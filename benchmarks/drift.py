@@ -190,8 +190,9 @@ def _demo_class():
 
 def _poison_report(demo, job: Job, cycles: list[dict], final: str | None) -> dict:
     """Which versions learned from the adversarial burst, and whether one is active at the end."""
-    n, window = len(demo.judged_at), demo.config.poison_window
-    first, last = int(job.requests * 0.55), min(n, int(job.requests * 0.55 + job.requests * window)) - 1
+    n = len(demo.judged_at)
+    first, end = demo.config.poison_span(job.requests)
+    last = min(n, end) - 1
     if n == 0 or first > last:
         return {"poisoned_versions": [], "poisoned_versions_promoted": [], "poisoned_version_active_at_end": False}
     bad = poisoned_versions(cycles, demo.judged_at[first], demo.judged_at[last])

@@ -187,6 +187,11 @@ class Settings(BaseSettings):
             raise ValueError(f"kafka_api_version must look like 0.9 or 2.8, got {self.kafka_api_version!r}") from e
 
     @property
+    def guard_watch_limit_s(self) -> float:
+        """How long after a promotion the guard may watch it (and workers shadow-score): never under one window."""
+        return max(self.guard_window_s, self.guard_max_watch_s)
+
+    @property
     def target_modules(self) -> list[str]:
         return [m.strip() for m in self.lora_target_modules.split(",") if m.strip()]
 

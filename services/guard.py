@@ -77,7 +77,7 @@ class GuardThresholds(Protocol):
 
     guard_window_s: float
     guard_min_judged: int
-    guard_max_watch_s: float
+    guard_watch_limit_s: float
     guard_alpha: float
     guard_max_p99_ratio: float
     guard_max_low_confidence_increase: float
@@ -209,7 +209,7 @@ def decide(new: VersionStats, old: VersionStats, thresholds: GuardThresholds, el
     enough = _enough_judged(new, thresholds)
     if elapsed_s >= window and enough:
         return Decision(KEEP, "no_regression" if old.judged > 0 else "no_baseline", evidence)
-    if elapsed_s >= max(window, thresholds.guard_max_watch_s):
+    if elapsed_s >= thresholds.guard_watch_limit_s:
         return Decision(KEEP, "insufficient_evidence", evidence)
     return Decision(WAIT, "window_open" if enough else "need_judged", evidence)
 
@@ -295,7 +295,7 @@ class RollbackGuard:
         self._generation = pointer.generation
         promotion = promotion_of(pointer)
         since = pointer.updated_at or self.clock()
-        if promotion is not None and resume and self.clock() - since > self.settings.guard_max_watch_s:
+        if promotion is not None and resume and self.clock() - since > self.settings.guard_watch_limit_s:
             promotion = None
         if self.watch is not None and (promotion is None or promotion[0] != self.watch.version):
             logger.info("active pointer moved to %s (%s): no longer watching %s", pointer.version,

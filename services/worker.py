@@ -241,8 +241,7 @@ class InferenceWorker:
         self.swap_log.append((time.time(), swap.version, pause))
         if previous is not None and self.settings.shadow_fraction > 0:  # the guard compares both on the same traffic
             # shadow-score as long as the guard may watch the promotion
-            watch_s = max(self.settings.guard_window_s, self.settings.guard_max_watch_s)
-            self._shadow = (previous, time.monotonic() + watch_s)
+            self._shadow = (previous, time.monotonic() + self.settings.guard_watch_limit_s)
         m = self.metrics
         m.adapter_swaps.labels(outcome="ok").inc()
         m.swap_seconds.observe(time.monotonic() - swap.seen_at)

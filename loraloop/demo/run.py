@@ -55,6 +55,16 @@ class DemoConfig:
     learn: bool = True  # False: the learner thread is not started (the "static" baseline)
     test_dataset: str | None = None  # a separate test CSV (same columns); the whole dataset is then the stream's
 
+    def poison_span(self, requests: int) -> tuple[int, int]:
+        """[first, end) request numbers of the adversarial burst: from 55% of the stream, ``poison_window`` of it.
+
+        Example:
+            >>> DemoConfig(poison_window=0.2).poison_span(3000)
+            (1650, 2250)
+        """
+        first = int(requests * 0.55)
+        return first, int(requests * 0.55 + requests * self.poison_window)
+
 
 @dataclass
 class Observed:
@@ -213,7 +223,7 @@ class Demo:
 
         cfg, s = self.config, self.settings
         users = SimulatedUsers(labels, cfg.feedback_fraction, cfg.noise, cfg.seed, poison_share=cfg.poison_share)
-        poison_from, poison_to = (int(len(stream) * 0.55), int(len(stream) * 0.55 + len(stream) * cfg.poison_window))
+        poison_from, poison_to = cfg.poison_span(len(stream))
         producer = self.transport.producer()
         observer = self.transport.consumer([s.predictions_topic], f"demo-observer-{uuid.uuid4().hex[:6]}")
         events: list[tuple[int, str, str]] = []
