@@ -326,13 +326,14 @@ class InferenceWorker:
                 self._remember(predictions, requests)
         if not self._deliver(predictions, letters):
             return  # not acknowledged: offsets stay uncommitted, the batch is served again
+        # Counted once delivered, not once committed: a commit whose answer is lost may still have
+        # landed, and then nothing is served again to be counted (a redelivery is served twice).
+        self._observe(predictions, letters)
         try:
             self._consumer.commit(next_offsets(records))
         except TransportError as e:  # rebalanced or broker gone: the next owner serves these again
             self._transport_errors(logging.WARNING, "commit refused (%s); the batch will be redelivered", e)
             self._reset_clients()
-            return
-        self._observe(predictions, letters)
 
     # --- inference -----------------------------------------------------------------------
     def _encode(self, texts: list[str]) -> tuple[list[list[int]], list[bool]]:

@@ -176,10 +176,11 @@ def test_predictions_dead_letters_truncation_and_commits(stack: Stack) -> None:
 class _Recorder:
     """Wraps a transport's clients and records the order of sends, flushes and commits."""
 
-    def __init__(self, transport: MemoryTransport, fail_flushes: int = 0) -> None:
+    def __init__(self, transport: MemoryTransport, fail_flushes: int = 0, lose_commit_answers: int = 0) -> None:
         self.inner = transport
         self.events: list[str] = []
         self.fail_flushes = fail_flushes
+        self.lose_commit_answers = lose_commit_answers  # the commit is applied but its answer is lost
 
     def producer(self):
         recorder, inner = self, self.inner.producer()
@@ -211,6 +212,9 @@ class _Recorder:
             def commit(self, offsets):
                 recorder.events.append("commit")
                 inner.commit(offsets)
+                if recorder.lose_commit_answers > 0:
+                    recorder.lose_commit_answers -= 1
+                    raise TransportError("connection lost before the commit was answered (injected)")
 
         return C()
 
@@ -234,6 +238,21 @@ def test_offsets_are_committed_only_after_the_batch_is_acknowledged(stack: Stack
     served = [p.request_id for p in stack.predictions()]
     assert set(served) == set(ids)  # nothing lost
     assert len(served) > len(ids)  # the unacknowledged batch was served again (at-least-once)
+
+
+def test_served_counts_every_delivered_prediction_even_when_the_commit_answer_is_lost(stack: Stack) -> None:
+    # Seen against Kafka during a broker restart: the commit landed, its answer did not, so the
+    # batch was never redelivered; counting only after the commit left it out of requests_served.
+    version = stack.publish(LABELS, "a")
+    stack.registry.promote(version)
+    recorder = _Recorder(stack.transport, lose_commit_answers=1)
+    ids = stack.requests(20)
+    with stack.worker(transport=recorder) as worker:
+        serve_until(worker, lambda: stack.committed() == stack.ends() and len(stack.predictions()) >= len(ids))
+    assert recorder.lose_commit_answers == 0  # the failure was injected
+    served = stack.predictions()
+    assert {p.request_id for p in served} == set(ids)
+    assert stack.sample("requests_served_total", adapter_version=version) == len(served)
 
 
 def test_hot_swap_between_batches_and_instant_rollback(stack: Stack) -> None:

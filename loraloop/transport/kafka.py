@@ -19,6 +19,7 @@ import threading
 import uuid
 
 from loraloop.settings import Settings
+from loraloop.transport import kafka_join_fix
 from loraloop.transport.base import (
     Consumer,
     Producer,
@@ -180,6 +181,7 @@ class KafkaConsumerAdapter(Consumer):
             from kafka import KafkaConsumer
             from kafka.errors import KafkaError
 
+            kafka_join_fix.apply()  # else a member busy between polls can keep its group rebalancing
             try:
                 self._consumer = KafkaConsumer(
                     *self._topics, group_id=self._group, enable_auto_commit=False, auto_offset_reset="earliest",

@@ -209,6 +209,28 @@ def test_commit_of_a_partition_no_longer_owned_is_refused(transport, topic):
             assert all(a.lag()[tp] == 0 for tp in a.assignment())
 
 
+def test_members_busy_between_polls_still_split_the_partitions(transport, topic):
+    # A worker polls briefly and then runs a batch: a join round trip that completes while its
+    # member is busy must count (kafka-python 3.0 dropped it, and a leader's rejoin restarted
+    # the rebalance each time: kafka_join_fix).
+    group = _group()
+    _produce(transport, topic, _values("m", 8))
+    with transport.consumer([topic], group) as a:
+        _drain(a, 8)
+        with transport.consumer([topic], group) as b:
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                for c in (a, b):
+                    c.poll(1, 1)
+                owned = [c.assignment() for c in (a, b)]
+                if all(owned) and len(set().union(*owned)) == PARTITIONS == sum(map(len, owned)):
+                    break
+                time.sleep(0.3)  # busy with a batch
+            assert a.assignment() and b.assignment() and not (a.assignment() & b.assignment()), \
+                [sorted(c.assignment()) for c in (a, b)]
+            assert len(a.assignment() | b.assignment()) == PARTITIONS
+
+
 def test_lag_counts_uncommitted_records(transport, topic):
     group = _group()
     _produce(transport, topic, _values("m", 6))
