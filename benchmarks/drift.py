@@ -60,6 +60,9 @@ SYSTEM_SETTINGS: dict[str, dict[str, object]] = {
     "loraloop": {}, "static": {}, "naive": {"replay_ratio": 0.0, "gate_enabled": False, "reference_share": 0.0},
     "head_only": {"learner_mode": "head_only"}}
 QUICK_SETTINGS = {"cycle_min_feedback": 40, "epochs": 1, "guard_min_judged": 20, "guard_window_s": 5.0}
+# A version that trained on more than this share of the burst's wrong labels in its claim "learned the
+# poison" (label noise is 5% by default: a screen that misses a few is not what the criterion is about).
+POISON_TRAINED_SHARE = 0.1
 NEW_LABEL_WINDOW = 50  # new-label requests in the rolling accuracy of requests_to_80pct_new
 
 
@@ -174,9 +177,22 @@ def _demo_class():
     from loraloop.demo.run import Demo
 
     class TimedDemo(Demo):
-        """The demo, noting when each prediction was judged (to date the poisoned feedback)."""
+        """The demo, noting when each prediction was judged (to date the poisoned feedback) and what each
+        learner claim held (to count the poisoned examples each version trained on)."""
 
         judged_at: list[float]
+        claimed: dict[str, set[str]]
+
+        def _build(self) -> None:
+            super()._build()
+            self.claimed, claim = {}, self.buffer.claim
+
+            def recording_claim(consumer: str, max_items: int):
+                taken = claim(consumer, max_items)
+                self.claimed[taken.claim_id] = {e.event_id for e in taken.examples}
+                return taken
+
+            self.buffer.claim = recording_claim
 
         def _judge(self, *args, **kwargs) -> None:
             before = len(self.observed.correct)
@@ -188,16 +204,61 @@ def _demo_class():
     return TimedDemo
 
 
+def poison_trained(cycles: list[dict], claimed: dict[str, set[str]], poisoned: set[str]) -> dict[str, dict]:
+    """Per version: the burst's wrong labels its claim held, how many the screen set aside, how many it trained on.
+
+    Example:
+        >>> cycles = [{"version": "v2", "claim_id": "c1", "screened_ids": ["p1", "p2"]}]
+        >>> poison_trained(cycles, {"c1": {"p1", "p2", "p3", "ok"}}, {"p1", "p2", "p3"})
+        {'v2': {'claimed': 3, 'screened': 2, 'trained': 1}}
+    """
+    out = {}
+    for cycle in cycles:
+        held = claimed.get(cycle.get("claim_id", ""), set()) & poisoned
+        if cycle.get("version") and held:
+            screened = len(held & set(cycle.get("screened_ids") or ()))
+            out[cycle["version"]] = {"claimed": len(held), "screened": screened, "trained": len(held) - screened}
+    return out
+
+
+def learned_the_poison(cycles: list[dict], trained: dict[str, dict], share: float) -> set[str]:
+    """Versions that trained on more than ``share`` of the wrong labels their claim held, or descend from one.
+
+    Example:
+        >>> cycles = [{"version": "v2", "parent": "v1"}, {"version": "v3", "parent": "v2"},
+        ...           {"version": "v4", "parent": "v1"}]
+        >>> sorted(learned_the_poison(cycles, {"v2": {"claimed": 50, "trained": 20},
+        ...                                    "v4": {"claimed": 50, "trained": 2}}, share=0.1))
+        ['v2', 'v3']
+    """
+    out: set[str] = set()
+    for cycle in cycles:
+        mine = trained.get(cycle.get("version"), {})
+        if mine.get("trained", 0) > share * mine.get("claimed", 0) or cycle.get("parent") in out:
+            out.add(cycle["version"])
+    return out
+
+
 def _poison_report(demo, job: Job, cycles: list[dict], final: str | None) -> dict:
-    """Which versions learned from the adversarial burst, and whether one is active at the end."""
+    """Which versions learned from the adversarial burst, and whether one is active at the end.
+
+    A version "learned the poison" when it trained on more than POISON_TRAINED_SHARE of the
+    burst's wrong labels in its claim (the screen missed them), or descends from one. The
+    versions merely trained on feedback given during the burst are listed too.
+    """
     n = len(demo.judged_at)
     first, end = demo.config.poison_span(job.requests)
     last = min(n, end) - 1
     if n == 0 or first > last:
         return {"poisoned_versions": [], "poisoned_versions_promoted": [], "poisoned_version_active_at_end": False}
-    bad = poisoned_versions(cycles, demo.judged_at[first], demo.judged_at[last])
+    during = poisoned_versions(cycles, demo.judged_at[first], demo.judged_at[last])
+    trained = poison_trained(cycles, demo.claimed, demo.observed.poisoned_events)
+    bad = learned_the_poison(cycles, trained, POISON_TRAINED_SHARE)
     promoted = [c["version"] for c in cycles if c.get("outcome") == "promoted" and c.get("version") in bad]
-    return {"poisoned_versions": sorted(bad), "poisoned_versions_promoted": promoted,
+    return {"poisoned_events": len(demo.observed.poisoned_events), "poison_by_version": trained,
+            "poison_trained_share": POISON_TRAINED_SHARE, "versions_trained_during_burst": sorted(during),
+            "versions_trained_during_burst_active_at_end": final in during,
+            "poisoned_versions": sorted(bad), "poisoned_versions_promoted": promoted,
             "poisoned_version_active_at_end": final in bad}
 
 
@@ -237,10 +298,12 @@ def run_live(job: Job) -> dict:
             "promotions": summary["promotions"], "rejections": summary["rejections"], "rollbacks": summary["rollbacks"],
             "cycles": len(cycles),
             "learner_time_s": round(sum(sum((c.get("timings") or {}).values()) for c in cycles), 2),
-            "quarantined_examples": sum(c.get("examples", 0) for c in cycles if c.get("quarantined")),
+            "quarantined_examples": sum(c.get("examples", 0) - c.get("screened_examples", 0)
+                                        for c in cycles if c.get("quarantined")),
+            "screened_examples": sum(c.get("screened_examples", 0) for c in cycles),
             "gate_log": [{"version": c.get("version"), "outcome": c.get("outcome"), "reason": c.get("reason"),
-                          "reference_rows": c.get("reference_rows"), "quarantined": c.get("quarantined", False)}
-                         for c in cycles],
+                          "reference_rows": c.get("reference_rows"), "quarantined": c.get("quarantined", False),
+                          "screened": c.get("screened", {})} for c in cycles],
         })
     if job.system != "static" and demo.guard is not None:
         result["guard_decisions"] = [{"version": e.version, "action": e.action, "reason": e.reason,
@@ -534,12 +597,15 @@ class Run:
         print_results(self.results)
         poison = self.poison
         if poison:
+            bad = poison["poisoned"]
+            caught = sum(v["screened"] for v in bad.get("poison_by_version", {}).values())
             print(f"\npoison: final accuracy clean {poison['clean_final_accuracy']:.4f}, poisoned "
                   f"{poison['poisoned_final_accuracy']:.4f} (difference {poison['difference']:+.4f}); poisoned run: "
-                  f"{poison['poisoned']['promotions']} promotions, {poison['poisoned']['rejections']} rejections, "
-                  f"{poison['poisoned']['rollbacks']} rollbacks; versions trained on poisoned feedback: "
-                  f"{poison['poisoned']['poisoned_versions']}, one active at the end: "
-                  f"{poison['poisoned']['poisoned_version_active_at_end']}")
+                  f"{bad['promotions']} promotions, {bad['rejections']} rejections, {bad['rollbacks']} rollbacks; "
+                  f"{bad.get('poisoned_events', 0)} wrong labels sent, {caught} set aside by the screen, "
+                  f"{bad.get('quarantined_examples', 0)} examples quarantined by the gate; versions that learned "
+                  f"the poison: {bad['poisoned_versions']}, one active at the end: "
+                  f"{bad['poisoned_version_active_at_end']}")
         self.save()
 
 

@@ -41,6 +41,7 @@ from learner.dataset import (
     split_reference,
 )
 from learner.gate import GateDecision, Paired, Scores, decide
+from learner.screen import Judged, ScreenResult, screen
 from learner.train import Trainer, seed_everything
 from learner.trigger import OpsTriggers, due
 from loraloop.buffer import FeedbackBuffer, make_feedback_buffer
@@ -66,7 +67,8 @@ class CycleOutcome:
     """What one cycle did; written to the registry (``cycles/``) and the log."""
 
     trigger: str
-    outcome: str  # promoted, rejected, empty, failed
+    outcome: str  # promoted, rejected, screened (every example suspect), empty, failed
+    claim_id: str = ""
     reason: str = ""
     version: str | None = None
     parent: str | None = None
@@ -78,6 +80,9 @@ class CycleOutcome:
     reference_rows: int = 0  # reference-set rows both models were evaluated on
     reference_held: int = 0  # claimed examples of reference requests, not trained on
     quarantined: bool = False  # acknowledged without entering the replay reservoir
+    screened: dict = field(default_factory=dict)  # label -> contested corrections set aside by the screen
+    screened_examples: int = 0  # of the claim: not trained on, kept out of the reservoir (learner.screen)
+    screened_ids: list[str] = field(default_factory=list)  # their event ids, for the audit trail
     negatives: int = 0
     labels: int = 0
     new_labels: list[str] = field(default_factory=list)
@@ -181,6 +186,7 @@ class Learner:
         t = _Timer()
         claim = self.buffer.claim(self.consumer_name, self.settings.cycle_max_feedback)
         t.lap("claim")
+        outcome.claim_id = claim.claim_id
         self.metrics.buffer_claimed.inc(len(claim.examples))
         if not claim.examples:
             outcome.outcome, outcome.reason = "empty", "no new feedback"
@@ -195,7 +201,19 @@ class Learner:
         active_dir = self._fetch(pointer.version) if pointer.version else None
         active_map = LabelMap.load(active_dir) if active_dir else LabelMap(())
         replayable, reference = self._reservoir(seed)
-        data = self._training_set(claim.examples, active_map, seed, replayable)
+        active_model = self.trainer.model_for(active_dir, trainable=False) if active_dir else None
+        ref_rows = reference_rows(reference, self.settings.reference_per_label) if self.settings.gate_enabled else []
+        ref_predicted = self._labels_of(active_model, active_map, [r.text for r in ref_rows])
+        screened = self._screen(claim.examples, active_model, active_map, ref_rows, ref_predicted)
+        outcome.screened = {label: flag.contested for label, flag in screened.flagged.items()}
+        outcome.screened_examples, outcome.screened_ids = len(screened.suspect), sorted(screened.suspect)
+        examples = [e for e in claim.examples if e.event_id not in screened.suspect]
+        if not examples:
+            outcome.examples = len(claim.examples)
+            outcome.outcome, outcome.reason = "screened", f"every example suspect: {screened.reason}"
+            self._acknowledge(claim, outcome, screened, GateDecision(False, outcome.reason))
+            return
+        data = self._training_set(examples, active_map, seed, replayable)
         label_map, dropped = _extend(active_map, data.labels, self.settings.label_capacity)
         data = _without_labels(data, set(dropped))
         outcome.examples, outcome.train_rows = len(claim.examples), len(data.train)
@@ -208,19 +226,46 @@ class Learner:
         candidate, report = self._train(active_dir, label_map, data, head_rows)
         outcome.train_loss, outcome.head_fit_s = report.final_loss, round(report.head_fit_s, 3)
         t.lap("train")
-        decision = self._evaluate(candidate, label_map, active_dir, active_map, data, reference, outcome)
+        decision = self._evaluate(candidate, label_map, active_model, active_map, data, ref_rows, ref_predicted,
+                                  outcome)
         t.lap("evaluate")
         self._publish(candidate, label_map, pointer.version, decision, outcome)
         t.lap("publish")
         outcome.timings = t.laps
+        self._acknowledge(claim, outcome, screened, decision)
+
+    def _acknowledge(self, claim, outcome: CycleOutcome, screened: ScreenResult, decision: GateDecision) -> None:
+        """Record the outcome, then acknowledge: suspect feedback stays out of the replay reservoir."""
         outcome.quarantined = decision.suspect_feedback
         self.registry.record_cycle(outcome.as_dict())
-        self.buffer.acknowledge(claim, remember=not decision.suspect_feedback)
+        self.buffer.acknowledge(claim, remember=not decision.suspect_feedback, quarantine=screened.suspect)
         self.metrics.buffer_acknowledged.inc(len(claim.examples))
+        if screened.suspect:
+            self.metrics.feedback_quarantined.labels(reason="screen").inc(len(screened.suspect))
+            logger.warning("screen set aside %d contested corrections: %s", len(screened.suspect), screened.reason)
         if decision.suspect_feedback:
-            self.metrics.feedback_quarantined.inc(len(claim.examples))
-            logger.warning("quarantined %d examples (kept out of the replay reservoir): %s", len(claim.examples),
-                           decision.reason)
+            rest = len(claim.examples) - len(screened.suspect)
+            self.metrics.feedback_quarantined.labels(reason="gate").inc(rest)
+            logger.warning("quarantined %d examples (kept out of the replay reservoir): %s", rest, decision.reason)
+
+    def _labels_of(self, model, label_map: LabelMap, texts: list[str]) -> list[str]:
+        """The label ``model`` predicts for each text (none without a model)."""
+        if model is None or not texts:
+            return []
+        return [label_map.labels[p] for p in self.trainer.predict(model, texts, len(label_map))]
+
+    def _screen(self, examples: list[Example], active_model, active_map: LabelMap, ref_rows: list[Labelled],
+                ref_predicted: list[str]) -> ScreenResult:
+        """Corrections the live version contests on a label far more than usual (see learner.screen)."""
+        s = self.settings
+        if active_model is None or not s.gate_enabled or s.screen_alpha <= 0:
+            return ScreenResult()
+        known = set(active_map.labels)
+        corrections = [e for e in examples if e.kind == "label" and e.label in known]
+        predicted = self._labels_of(active_model, active_map, [e.text for e in corrections])
+        rows = [Judged(e.event_id, e.label, p) for e, p in zip(corrections, predicted, strict=True)]
+        reference = [(r.label, p) for r, p in zip(ref_rows, ref_predicted, strict=True)]
+        return screen(rows, reference, s.screen_alpha, s.screen_min_share)
 
     def _reservoir(self, seed: int) -> tuple[list[Example], list[Example]]:
         """The replay reservoir in the buffer's seeded order, split into (replayable, reference) examples."""
@@ -264,38 +309,46 @@ class Learner:
         report.head_fit_s = head_fit_s
         return model, report
 
-    def _evaluate(self, candidate, label_map: LabelMap, active_dir: Path | None, active_map: LabelMap,
-                  data: TrainingSet, reference: list[Example], outcome: CycleOutcome) -> GateDecision:
-        """Score candidate and active version on every evaluation set; the gate decides."""
+    def _evaluate(self, candidate, label_map: LabelMap, active_model, active_map: LabelMap, data: TrainingSet,
+                  rows: list[Labelled], active_predicted: list[str], outcome: CycleOutcome) -> GateDecision:
+        """Score candidate and active version on every evaluation set; the gate decides.
+
+        ``active_predicted``: the active version's labels for the reference ``rows`` (from the screen).
+        """
         s = self.settings
-        rows = reference_rows(reference, s.reference_per_label) if s.gate_enabled else []
         outcome.reference_rows = len(rows)
         cand_scores, cand_ok = self._scores(candidate, label_map, data, active_map, rows)
-        act_scores, act_ok = self._scores(self.trainer.model_for(active_dir, trainable=False), active_map, data,
-                                          active_map, rows) if active_dir else (None, [])
+        act_scores, act_ok = None, None
+        if active_model is not None:
+            reference_ok = [p == r.label for p, r in zip(active_predicted, rows, strict=True)]
+            act_scores, act_ok = self._scores(active_model, active_map, data, active_map, rows, reference_ok)
         outcome.candidate, outcome.active = cand_scores.as_dict(), (act_scores.as_dict() if act_scores else {})
         if not s.gate_enabled:
             return GateDecision(True, "gate disabled")
-        pairs = None
-        if act_ok:
-            both = list(zip(cand_ok, act_ok, strict=True))
-            pairs = Paired(candidate_only=sum(c and not a for c, a in both), active_only=sum(a and not c for c, a in both))
-        return decide(cand_scores, act_scores, s.gate_tolerance, pairs, s.gate_alpha)
+        if act_ok is None:
+            return decide(cand_scores, None, s.gate_tolerance, alpha=s.gate_alpha)
+        return decide(cand_scores, act_scores, s.gate_tolerance, _paired(cand_ok[0], act_ok[0]), s.gate_alpha,
+                      holdout_pairs=_paired(cand_ok[1], act_ok[1]))
 
     def _scores(self, model, label_map: LabelMap, data: TrainingSet, active_map: LabelMap,
-                reference: list[Labelled]) -> tuple[Scores, list[bool]]:
-        """The model's scores, and which reference rows it got right (for the paired test)."""
+                reference: list[Labelled], reference_ok: list[bool] | None = None,
+                ) -> tuple[Scores, tuple[list[bool], list[bool]]]:
+        """The model's scores, and which reference and holdout rows it got right (for the paired tests).
+
+        ``reference_ok``: already known (the active version's, from the screen).
+        """
         # Forgetting: on fresh rows of the labels the live version knew, choosing among those labels
         # only. Confusions with newly added labels are real errors, but the holdout comparison counts
         # them; this check asks whether the old labels are still told apart.
         known = [r for r in data.holdout if r.label in active_map.labels]
-        acc = self.trainer.accuracy
-        reference_ok = self.trainer.correct(model, label_map, reference)
-        return Scores(holdout=acc(model, label_map, data.holdout),
-                      known=acc(model, label_map, known, among=len(active_map)),
-                      golden=acc(model, label_map, self._golden), n_holdout=len(data.holdout), n_known=len(known),
-                      reference=sum(reference_ok) / len(reference_ok) if reference_ok else None,
-                      n_reference=len(reference_ok)), reference_ok
+        if reference_ok is None:
+            reference_ok = self.trainer.correct(model, label_map, reference)
+        holdout_ok = self.trainer.correct(model, label_map, data.holdout)
+        share = lambda ok: sum(ok) / len(ok) if ok else None  # noqa: E731
+        return Scores(holdout=share(holdout_ok), known=self.trainer.accuracy(model, label_map, known, among=len(active_map)),
+                      golden=self.trainer.accuracy(model, label_map, self._golden), n_holdout=len(data.holdout),
+                      n_known=len(known), reference=share(reference_ok),
+                      n_reference=len(reference_ok)), (reference_ok, holdout_ok)
 
     def _publish(self, model, label_map: LabelMap, parent: str | None, decision: GateDecision,
                  outcome: CycleOutcome) -> None:
@@ -381,6 +434,11 @@ class _Timer:
         now = time.perf_counter()
         self.laps[name] = round(now - self._last, 3)
         self._last = now
+
+
+def _paired(candidate_ok: list[bool], active_ok: list[bool]) -> Paired:
+    both = list(zip(candidate_ok, active_ok, strict=True))
+    return Paired(candidate_only=sum(c and not a for c, a in both), active_only=sum(a and not c for c, a in both))
 
 
 def _extend(active: LabelMap, labels: list[str], capacity: int) -> tuple[LabelMap, list[str]]:

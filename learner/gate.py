@@ -7,7 +7,8 @@ A candidate is promoted only when
   :func:`learner.dataset.is_reference`) it does not lose more than ``tolerance`` with a
   paired test significant at ``alpha`` (the rows are few; a 2-row swing is noise),
 * on the **holdout** (recent feedback nobody trained on) it is at least as good as the
-  active version,
+  active version, up to a loss within ``tolerance`` that a paired test does not find
+  significant (a 1-row loss on a 60-row holdout is noise; without the pairs, any loss rejects),
 * on **labels the active version already knew** (the holdout rows of those labels) it
   loses at most ``tolerance``: the forgetting guard.
 
@@ -22,6 +23,9 @@ Example:
     GateDecision(promote=True, reason='holdout 0.700 -> 0.900; known labels 0.900 -> 0.880', suspect_feedback=False)
     >>> decide(Scores(0.9, 0.8, None, 50, 40), Scores(0.7, 0.9, None, 50, 40), tolerance=0.02).reason
     'forgets known labels: 0.900 -> 0.800 (tolerance 0.02)'
+    >>> decide(Scores(0.80, 0.9, None, 60, 40), Scores(0.8167, 0.9, None, 60, 40), tolerance=0.02,
+    ...        holdout_pairs=Paired(candidate_only=3, active_only=4)).promote  # 1 row of 60: noise
+    True
     >>> d = decide(Scores(1.0, 1.0, None, reference=0.5, n_reference=100),
     ...            Scores(0.4, 0.9, None, reference=0.8, n_reference=100), tolerance=0.02,
     ...            reference_pairs=Paired(candidate_only=2, active_only=32))
@@ -86,8 +90,20 @@ def _reference_loss(candidate: Scores, active: Scores, tolerance: float, pairs: 
     return f"worse on the reference set: {_fmt(active.reference)} -> {_fmt(candidate.reference)}{detail}"
 
 
+def _holdout_loss(candidate: Scores, active: Scores, tolerance: float, pairs: Paired | None,
+                  alpha: float) -> str | None:
+    """The reason to reject on the holdout, or None."""
+    if candidate.holdout is None or active.holdout is None or candidate.holdout >= active.holdout:
+        return None
+    p = 0.0 if pairs is None else paired_worse_p_value(new_only=pairs.candidate_only, old_only=pairs.active_only)
+    if candidate.holdout >= active.holdout - tolerance and p >= alpha:
+        return None
+    detail = "" if pairs is None else f" ({pairs.active_only} rows lost, {pairs.candidate_only} won, p={p:.2g})"
+    return f"worse on the holdout: {_fmt(active.holdout)} -> {_fmt(candidate.holdout)}{detail}"
+
+
 def decide(candidate: Scores, active: Scores | None, tolerance: float, reference_pairs: Paired | None = None,
-           alpha: float = 0.05) -> GateDecision:
+           alpha: float = 0.05, holdout_pairs: Paired | None = None) -> GateDecision:
     """Promote or reject ``candidate`` against ``active`` (None: nothing is live yet)."""
     if candidate.holdout is None and candidate.golden is None and candidate.reference is None:
         return GateDecision(False, "nothing to evaluate on: no holdout, golden or reference set")
@@ -99,8 +115,9 @@ def decide(candidate: Scores, active: Scores | None, tolerance: float, reference
     reference_loss = _reference_loss(candidate, active, tolerance, reference_pairs, alpha)
     if reference_loss:
         return GateDecision(False, reference_loss, suspect_feedback=True)
-    if candidate.holdout is not None and active.holdout is not None and candidate.holdout < active.holdout:
-        return GateDecision(False, f"worse on the holdout: {_fmt(active.holdout)} -> {_fmt(candidate.holdout)}")
+    holdout_loss = _holdout_loss(candidate, active, tolerance, holdout_pairs, alpha)
+    if holdout_loss:
+        return GateDecision(False, holdout_loss)
     if candidate.known is not None and active.known is not None and candidate.known < active.known - tolerance:
         return GateDecision(False, f"forgets known labels: {_fmt(active.known)} -> {_fmt(candidate.known)} "
                                    f"(tolerance {tolerance:g})")

@@ -78,7 +78,9 @@ class Metrics:
                                   namespace=ns, registry=r)
         self.buffer_claimed = Counter("buffer_claimed", "Examples claimed by the learner.", namespace=ns, registry=r)
         self.feedback_quarantined = Counter("feedback_quarantined", "Acknowledged examples kept out of the replay "
-                                            "reservoir: their candidate lost on the reference or golden set.",
+                                            "reservoir, by reason: gate (their candidate lost on the reference or "
+                                            "golden set) or screen (corrections the live version contests on a "
+                                            "label far more than usual, not trained on).", ["reason"],
                                             namespace=ns, registry=r)
         self.buffer_acknowledged = Counter("buffer_acknowledged", "Examples acknowledged by the learner.",
                                            namespace=ns, registry=r)

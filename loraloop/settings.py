@@ -107,14 +107,21 @@ class Settings(BaseSettings):
     holdout_fraction: float = Field(0.2, gt=0, lt=1, description="Most recent share of new feedback kept for evaluation.")
     golden_path: str = Field("", description="Optional text,label CSV every candidate is also evaluated on.")
     gate_tolerance: float = Field(0.02, ge=0, description="Most accuracy a candidate may lose on golden set, "
-                                  "reference set and known labels.")
-    gate_alpha: float = Field(0.05, gt=0, lt=1, description="Significance level of the gate's reference-set test "
-                              "(a candidate is rejected there only for a loss beyond gate_tolerance that is significant).")
+                                  "reference set, holdout and known labels.")
+    gate_alpha: float = Field(0.05, gt=0, lt=1, description="Significance level of the gate's paired tests (on the "
+                              "reference set a candidate is rejected only for a loss beyond gate_tolerance that is "
+                              "significant; on the holdout for a loss beyond it, or a significant one).")
     reference_share: float = Field(0.1, ge=0, lt=1, description="Share of labelled requests (chosen by a hash of the "
                                    "request id) the learner never trains on: its own reference set, on which every "
                                    "candidate must not lose to the live version (0: off).")
     reference_per_label: int = Field(20, ge=1, description="Most reference examples per label a candidate is "
                                      "evaluated on.")
+    screen_alpha: float = Field(0.001, ge=0, lt=1, description="Significance level (Bonferroni-corrected over "
+                                "labels) at which the learner's screen flags a label whose corrections the live "
+                                "version contests far more than usual; the contested ones are not trained on and "
+                                "stay out of the replay reservoir (0: off; off with the gate too).")
+    screen_min_share: float = Field(0.5, gt=0, le=1, description="Least share of a label's corrections the live "
+                                    "version must contest before the screen may flag the label.")
     seed: int = Field(0, description="Seed of training and sampling.")
 
     # --- metrics, health, guard --------------------------------------------------------

@@ -57,3 +57,23 @@ def paired_worse_p_value(new_only: float, old_only: float) -> float:
     terms = [_log_comb(n, k) - n * math.log(2) for k in range(b, n + 1)]
     top = max(terms)
     return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in terms))
+
+
+def binomial_upper_p_value(successes: int, trials: int, rate: float) -> float:
+    """One-sided exact binomial test of "the rate is higher than ``rate``": P(X >= successes), X ~ Binomial(trials, rate).
+
+    Example:
+        >>> f"{binomial_upper_p_value(9, 10, 0.2):.2g}"  # 9 of 10 where 2 in 10 is usual
+        '4.2e-06'
+        >>> binomial_upper_p_value(0, 10, 0.2)
+        1.0
+    """
+    if trials <= 0 or successes <= 0:
+        return 1.0
+    if successes > trials:
+        return 0.0
+    rate = min(max(rate, 1e-12), 1 - 1e-12)
+    log_p, log_q = math.log(rate), math.log1p(-rate)
+    terms = [_log_comb(trials, k) + k * log_p + (trials - k) * log_q for k in range(successes, trials + 1)]
+    top = max(terms)
+    return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in terms))

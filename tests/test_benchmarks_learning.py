@@ -64,6 +64,9 @@ def test_drift_quick_reports_every_system(tmp_path: Path) -> None:
                                                  abs=1e-3)
     assert isinstance(poison["poisoned"]["poisoned_version_active_at_end"], bool)
     assert set(poison["poisoned"]["poisoned_versions_promoted"]) <= set(poison["poisoned"]["poisoned_versions"])
+    by_version = poison["poisoned"]["poison_by_version"]  # wrong labels each version's claim held, screened, trained
+    assert all(v["claimed"] == v["screened"] + v["trained"] > 0 for v in by_version.values()), by_version
+    assert sum(v["claimed"] for v in by_version.values()) <= poison["poisoned"]["poisoned_events"]
     assert (tmp_path / "drift.png").stat().st_size > 10_000
 
 

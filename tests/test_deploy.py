@@ -313,6 +313,7 @@ def test_label_sets_of_the_definitions() -> None:
         "loraloop_judged_total": {"adapter_version"},
         "loraloop_correct_total": {"adapter_version"},
         "loraloop_learner_cycles_total": {"trigger", "outcome"},
+        "loraloop_feedback_quarantined_total": {"reason"},
         "loraloop_eval_accuracy": {"dataset", "role"},
         "loraloop_promotions_total": {"reason"},
         "loraloop_rollbacks_total": {"reason"},

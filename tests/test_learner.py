@@ -86,6 +86,20 @@ def test_gate_reference_set_needs_a_significant_loss(reference, pairs, promote) 
     assert decision.suspect_feedback is (not promote)
 
 
+@pytest.mark.parametrize(("holdout", "pairs", "promote"), [
+    ((0.80, 0.81), Paired(candidate_only=3, active_only=4), True),  # 1 row lost net, within tolerance, noise
+    ((0.80, 0.81), None, False),  # no pairs: any loss rejects
+    ((0.80, 0.81), Paired(candidate_only=0, active_only=20), False),  # within tolerance, but significant
+    ((0.75, 0.81), Paired(candidate_only=10, active_only=16), False),  # beyond tolerance
+])
+def test_gate_holdout_tolerates_a_small_loss_that_is_noise(holdout, pairs, promote) -> None:
+    cand = Scores(holdout[0], 0.9, None, 1000, 40)
+    act = Scores(holdout[1], 0.9, None, 1000, 40)
+    decision = decide(cand, act, tolerance=0.02, alpha=0.05, holdout_pairs=pairs)
+    assert decision.promote is promote, decision.reason
+    assert promote or "worse on the holdout" in decision.reason
+
+
 def test_triggers_and_cross_process_ops_requests(tmp_path: Path) -> None:
     assert due(10, 0, 5, False, 60, 100) is None
     assert due(10, 0, 100, False, 60, 100) == "count"
@@ -168,7 +182,8 @@ def test_an_empty_cycle_trains_nothing(env) -> None:
 def test_poisoned_feedback_is_rejected_by_the_gate(env) -> None:
     learner, buffer, registry, _, first, rng = env
     _feed(buffer, rng, "b" * 150, 0, truth="a")  # every "a" text labelled "b"
-    eager = learner.settings.model_copy(update={"epochs": 5, "head_learning_rate": 0.05})  # learns the poison
+    eager = learner.settings.model_copy(update={"epochs": 5, "head_learning_rate": 0.05,  # learns the poison
+                                                "screen_alpha": 0})  # the gate alone
     learner.settings = learner.trainer.settings = eager
     outcome = learner.run_cycle("count")
     assert outcome.outcome == "rejected" and "golden" in outcome.reason, (outcome.candidate, outcome.active)
@@ -189,7 +204,7 @@ def test_without_a_golden_set_the_reference_set_rejects_poison(env_without_golde
     live = registry.active().version
     _feed(buffer, rng, "b" * 150, 1000, truth="a")  # every "a" text labelled "b"
     learner.settings = learner.trainer.settings = learner.settings.model_copy(
-        update={"epochs": 5, "head_learning_rate": 0.05})  # learns the poison
+        update={"epochs": 5, "head_learning_rate": 0.05, "screen_alpha": 0})  # learns the poison; the gate alone
     outcome = learner.run_cycle("count")
     assert outcome.outcome == "rejected" and "reference set" in outcome.reason, (outcome.candidate, outcome.reason)
     assert outcome.candidate["holdout"] > outcome.active["holdout"]  # the poisoned holdout alone would promote it
@@ -197,7 +212,33 @@ def test_without_a_golden_set_the_reference_set_rejects_poison(env_without_golde
     assert outcome.reference_rows == len(reference_rows(reference, learner.settings.reference_per_label))
     replayed = {e.event_id for e in buffer.replay_sample(10**6, seed=0)}
     assert not any(f"e{i}" in replayed for i in range(1000, 1150))
-    assert metrics.registry.get_sample_value("loraloop_feedback_quarantined_total") == 150
+    assert metrics.registry.get_sample_value("loraloop_feedback_quarantined_total", {"reason": "gate"}) == 150
+
+
+def test_the_screen_sets_aside_a_burst_pushed_onto_one_label(env) -> None:
+    learner, buffer, registry, metrics, first, rng = env
+    _feed(buffer, rng, "ab" * 40, 0)  # honest corrections
+    _feed(buffer, rng, "b" * 40, 1000, truth="a")  # a burst: "a" texts labelled "b"
+    outcome = learner.run_cycle("count")
+    assert outcome.screened == {"b": outcome.screened_examples} and outcome.screened_examples >= 38, outcome.reason
+    assert not outcome.quarantined and outcome.outcome == "promoted", outcome.reason  # the honest rest is learned
+    replayed = {e.event_id for e in buffer.replay_sample(10**6, seed=0)}
+    assert sum(f"e{i}" in replayed for i in range(1000, 1040)) <= 40 - outcome.screened_examples
+    assert sum(f"e{i}" in replayed for i in range(80)) >= 20  # honest corrections enter the reservoir (50 per label)
+    assert metrics.registry.get_sample_value("loraloop_feedback_quarantined_total",
+                                             {"reason": "screen"}) == outcome.screened_examples
+    assert learner.evaluate(outcome.version, [_text(rng, "a") for _ in range(20)], ["a"] * 20) >= 0.9
+
+
+def test_a_claim_that_is_all_suspect_trains_nothing(env) -> None:
+    learner, buffer, registry, metrics, first, rng = env
+    _feed(buffer, rng, "b" * 30, 0, truth="a")
+    before = [v.version for v in registry.versions()]
+    outcome = learner.run_cycle("count")
+    assert outcome.outcome == "screened" and outcome.screened_examples == 30, outcome.reason
+    assert [v.version for v in registry.versions()] == before and registry.active().version == first
+    assert buffer.depth() == 0 and not any(e.event_id.startswith("e") for e in buffer.replay_sample(10**6, seed=0))
+    assert registry.cycles()[-1]["outcome"] == "screened"
 
 
 def test_reference_requests_are_never_trained_on() -> None:

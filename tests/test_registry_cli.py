@@ -94,6 +94,19 @@ def test_list_show_promote_rollback_status(capsys: pytest.CaptureFixture[str], r
     assert code == 0 and f"active:     {first}" in out and "history:    (empty)" in out
 
 
+def test_status_shows_what_the_screen_set_aside(capsys: pytest.CaptureFixture[str], registry_url: str,
+                                                versions: list[str]) -> None:
+    registry = make_registry(Settings(registry_url=registry_url, registry_pointer="file"))
+    registry.record_cycle({"outcome": "promoted", "version": versions[1], "reason": "holdout 0.8 -> 0.9",
+                           "screened": {"card_lost": 30, "top_up": 4}, "screened_ids": ["e1"]})
+    registry.record_cycle({"outcome": "rejected", "version": versions[2], "reason": "worse on the holdout"})
+    code, out, _ = run(capsys, registry_url, "status")
+    lines = [line for line in out.splitlines() if line.startswith("cycle:")]
+    assert code == 0 and len(lines) == 2
+    assert lines[0].endswith("holdout 0.8 -> 0.9 [screen set aside 30 card_lost, 4 top_up]")
+    assert lines[1].endswith("worse on the holdout")
+
+
 def test_rollback_with_no_history_fails_clearly(capsys: pytest.CaptureFixture[str], registry_url: str,
                                                 versions: list[str]) -> None:
     code, out, err = run(capsys, registry_url, "adapters", "rollback")

@@ -6,6 +6,7 @@ Both have a Redis and an in-memory implementation, held to one contract suite.
 from __future__ import annotations
 
 import abc
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from loraloop.schemas import Example, ServedRequest
@@ -62,11 +63,13 @@ class FeedbackBuffer(abc.ABC):
         """Up to ``max_items`` unacknowledged examples (expired claims first)."""
 
     @abc.abstractmethod
-    def acknowledge(self, claim: Claim, remember: bool = True) -> None:
+    def acknowledge(self, claim: Claim, remember: bool = True, quarantine: Collection[str] = ()) -> None:
         """The cycle that used ``claim`` recorded its outcome: drop it, keep a replay sample.
 
         ``remember=False`` quarantines the claim: dropped without entering the replay
         reservoir (its candidate lost on data outside the claim, so the feedback is suspect).
+        ``quarantine`` names event ids to drop that way while the rest of the claim is
+        remembered (examples the learner's screen found suspect).
         """
 
     @abc.abstractmethod

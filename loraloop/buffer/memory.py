@@ -7,6 +7,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Collection
 
 from loraloop.buffer.base import Claim, FeedbackBuffer, RequestLog
 from loraloop.buffer.replay import ReplayReservoir
@@ -76,13 +77,15 @@ class MemoryFeedbackBuffer(FeedbackBuffer):
                 self._claims[claim_id] = (now, taken)
             return Claim(claim_id, [e for _, e in taken], tuple(i for i, _ in taken))
 
-    def acknowledge(self, claim: Claim, remember: bool = True) -> None:
+    def acknowledge(self, claim: Claim, remember: bool = True, quarantine: Collection[str] = ()) -> None:
         with self._lock:
             entry = self._claims.pop(claim.claim_id, None)
             if entry is None or not remember:
                 return  # already acknowledged, or expired and handed out again; or quarantined
+            suspect = set(quarantine)
             for _, example in entry[1]:
-                self._reservoir.offer(example)
+                if example.event_id not in suspect:
+                    self._reservoir.offer(example)
 
     def _depth(self) -> int:
         return len(self._queue) + sum(len(items) for _, items in self._claims.values())

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import random
 import uuid
+from collections.abc import Collection
 
 from loraloop.buffer.base import BufferError, Claim, FeedbackBuffer, RequestLog
 from loraloop.buffer.replay import balanced_sample
@@ -145,15 +146,17 @@ class RedisFeedbackBuffer(FeedbackBuffer):
         return Claim(uuid.uuid4().hex, examples, ids)
 
     @_wrap("buffer acknowledge")
-    def acknowledge(self, claim: Claim, remember: bool = True) -> None:
+    def acknowledge(self, claim: Claim, remember: bool = True, quarantine: Collection[str] = ()) -> None:
         if not claim.ids:
             return
         self._ensure_group()
         acked = self.client.xack(self.stream, GROUP, *claim.ids)
         self.client.xdel(self.stream, *claim.ids)
         if acked and remember:
+            suspect = set(quarantine)
             for example in claim.examples:
-                self._offer(example)
+                if example.event_id not in suspect:
+                    self._offer(example)
 
     def _offer(self, example: Example) -> None:
         if example.label is None or self.per_label <= 0:

@@ -75,6 +75,7 @@ class Observed:
     is_new: list[bool] = field(default_factory=list)
     versions: list[str] = field(default_factory=list)
     feedback_events: int = 0
+    poisoned_events: set[str] = field(default_factory=set)  # burst events naming the target, which is not the truth
 
 
 def _component(name: str) -> Callable[..., object] | None:
@@ -292,6 +293,8 @@ class Demo:
             event = FeedbackEvent(event_id=uuid.uuid4().hex, request_id=prediction.request_id, kind=kind, label=label)
             producer.send(self.settings.feedback_topic, event.to_bytes(), key=prediction.request_id.encode())
             obs.feedback_events += 1
+            if users.poison_target is not None and label == users.poison_target != truth:
+                obs.poisoned_events.add(event.event_id)
 
     def _cycle_events(self, seen: int) -> list[tuple[int, str, str]]:
         out = []
@@ -313,6 +316,8 @@ class Demo:
             "promotions": outcomes.count("promoted"),
             "rejections": outcomes.count("rejected"),
             "rollbacks": sum(kind == "rolled_back" for _, kind, _ in events),
+            "screened_examples": sum(int(c.get("screened_examples", 0)) for c in cycles),
+            "poisoned_events": len(self.observed.poisoned_events),
             "accuracy_initial": round(initial_eval["all"], 4),
             "accuracy_final": round(final_eval["all"], 4),
             "new_label_accuracy_initial": round(initial_eval["new"], 4),

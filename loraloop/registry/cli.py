@@ -80,5 +80,9 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
           f"(generation {pointer.generation}, {pointer.reason or 'no change yet'})")
     print(f"history:    {' <- '.join(reversed(pointer.history)) or '(empty)'}\nversions:   {state['versions']}")
     for cycle in cycles:
-        print(f"cycle:      {cycle.get('outcome', '?'):10} {cycle.get('version') or '':34} {cycle.get('reason', '')}")
+        screened = cycle.get("screened") or {}
+        aside = f" [screen set aside {', '.join(f'{n} {label}' for label, n in sorted(screened.items()))}]" \
+            if screened else ""
+        print(f"cycle:      {cycle.get('outcome', '?'):10} {cycle.get('version') or '':34} {cycle.get('reason', '')}"
+              f"{aside}")
     return 0

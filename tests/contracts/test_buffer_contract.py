@@ -103,6 +103,15 @@ def test_quarantined_claim_is_dropped_without_entering_the_reservoir(backend, re
     assert sorted(e.event_id for e in buffer.replay_sample(10, seed=0)) == ["e2", "e3"]
 
 
+def test_quarantined_examples_of_a_claim_stay_out_of_the_reservoir(backend, request):
+    buffer, _ = _make(backend, request)
+    for i in range(4):
+        buffer.append(_example(i, "a"))
+    buffer.acknowledge(buffer.claim("l", 4), quarantine={"e1", "e3"})
+    assert (buffer.depth(), buffer.pending()) == (0, 0)
+    assert sorted(e.event_id for e in buffer.replay_sample(10, seed=0)) == ["e0", "e2"]
+
+
 def test_remember_seeds_the_reservoir_without_queueing(backend, request):
     buffer, _ = _make(backend, request)
     buffer.remember([_example(i, "ab"[i % 2]) for i in range(6)] + [_example(50, None, kind="thumbs_down")])
