@@ -328,7 +328,7 @@ class Learner:
         if act_ok is None:
             return decide(cand_scores, None, s.gate_tolerance, alpha=s.gate_alpha)
         return decide(cand_scores, act_scores, s.gate_tolerance, _paired(cand_ok[0], act_ok[0]), s.gate_alpha,
-                      holdout_pairs=_paired(cand_ok[1], act_ok[1]))
+                      holdout_pairs=_paired(cand_ok[1], act_ok[1]), quarantine_alpha=s.gate_quarantine_alpha)
 
     def _scores(self, model, label_map: LabelMap, data: TrainingSet, active_map: LabelMap,
                 reference: list[Labelled], reference_ok: list[bool] | None = None,

@@ -108,9 +108,12 @@ class Settings(BaseSettings):
     golden_path: str = Field("", description="Optional text,label CSV every candidate is also evaluated on.")
     gate_tolerance: float = Field(0.02, ge=0, description="Most accuracy a candidate may lose on golden set, "
                                   "reference set, holdout and known labels.")
-    gate_alpha: float = Field(0.05, gt=0, lt=1, description="Significance level of the gate's paired tests (on the "
-                              "reference set a candidate is rejected only for a loss beyond gate_tolerance that is "
-                              "significant; on the holdout for a loss beyond it, or a significant one).")
+    gate_alpha: float = Field(0.05, gt=0, lt=1, description="Significance level of the gate's paired tests: on the "
+                              "reference set and the holdout a candidate is rejected only for a loss beyond "
+                              "gate_tolerance that is significant.")
+    gate_quarantine_alpha: float = Field(0.005, ge=0, lt=1, description="A reference-set loss this significant "
+                                         "also quarantines the claim (kept out of the replay reservoir); a milder "
+                                         "one only rejects the candidate.")
     reference_share: float = Field(0.1, ge=0, lt=1, description="Share of labelled requests (chosen by a hash of the "
                                    "request id) the learner never trains on: its own reference set, on which every "
                                    "candidate must not lose to the live version (0: off).")

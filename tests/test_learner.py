@@ -87,17 +87,29 @@ def test_gate_reference_set_needs_a_significant_loss(reference, pairs, promote) 
 
 
 @pytest.mark.parametrize(("holdout", "pairs", "promote"), [
-    ((0.80, 0.81), Paired(candidate_only=3, active_only=4), True),  # 1 row lost net, within tolerance, noise
-    ((0.80, 0.81), None, False),  # no pairs: any loss rejects
-    ((0.80, 0.81), Paired(candidate_only=0, active_only=20), False),  # within tolerance, but significant
-    ((0.75, 0.81), Paired(candidate_only=10, active_only=16), False),  # beyond tolerance
+    ((0.804, 0.826), Paired(candidate_only=0, active_only=1), True),  # 1 row of 46: beyond tolerance, noise
+    ((0.804, 0.826), None, False),  # no pairs: the tolerance alone decides
+    ((0.815, 0.826), Paired(candidate_only=0, active_only=20), True),  # significant, but within tolerance
+    ((0.717, 0.826), Paired(candidate_only=0, active_only=5), False),  # 5 of 46 lost, none won: p=0.031
 ])
-def test_gate_holdout_tolerates_a_small_loss_that_is_noise(holdout, pairs, promote) -> None:
-    cand = Scores(holdout[0], 0.9, None, 1000, 40)
-    act = Scores(holdout[1], 0.9, None, 1000, 40)
+def test_gate_holdout_rejects_only_a_significant_loss_beyond_tolerance(holdout, pairs, promote) -> None:
+    cand = Scores(holdout[0], 0.9, None, 46, 40)
+    act = Scores(holdout[1], 0.9, None, 46, 40)
     decision = decide(cand, act, tolerance=0.02, alpha=0.05, holdout_pairs=pairs)
     assert decision.promote is promote, decision.reason
-    assert promote or "worse on the holdout" in decision.reason
+    assert promote or ("worse on the holdout" in decision.reason and not decision.suspect_feedback)
+
+
+@pytest.mark.parametrize(("pairs", "suspect"), [
+    (Paired(candidate_only=0, active_only=5), False),  # p=0.031: rejected, the claim still teaches later cycles
+    (Paired(candidate_only=0, active_only=9), True),  # p=0.002: rejected and quarantined
+])
+def test_only_a_strong_reference_loss_quarantines_the_claim(pairs: Paired, suspect: bool) -> None:
+    cand = Scores(1.0, 1.0, None, 50, 40, reference=0.80, n_reference=100)
+    act = Scores(0.5, 1.0, None, 50, 40, reference=0.90, n_reference=100)
+    decision = decide(cand, act, tolerance=0.02, reference_pairs=pairs, alpha=0.05, quarantine_alpha=0.005)
+    assert not decision.promote and "reference set" in decision.reason
+    assert decision.suspect_feedback is suspect
 
 
 def test_triggers_and_cross_process_ops_requests(tmp_path: Path) -> None:
