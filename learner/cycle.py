@@ -40,7 +40,7 @@ from learner.dataset import (
     replay_size,
     split_reference,
 )
-from learner.gate import GateDecision, Paired, Scores, decide
+from learner.gate import GateDecision, Paired, Pairs, Scores, decide
 from learner.screen import Judged, ScreenResult, screen
 from learner.train import Trainer, seed_everything
 from learner.trigger import OpsTriggers, due
@@ -327,13 +327,13 @@ class Learner:
             return GateDecision(True, "gate disabled")
         if act_ok is None:
             return decide(cand_scores, None, s.gate_tolerance, alpha=s.gate_alpha)
-        return decide(cand_scores, act_scores, s.gate_tolerance, _paired(cand_ok[0], act_ok[0]), s.gate_alpha,
-                      holdout_pairs=_paired(cand_ok[1], act_ok[1]), quarantine_alpha=s.gate_quarantine_alpha)
+        pairs = Pairs(*(_paired(c, a) for c, a in zip(cand_ok, act_ok, strict=True)))
+        return decide(cand_scores, act_scores, s.gate_tolerance, pairs, s.gate_alpha, s.gate_quarantine_alpha)
 
     def _scores(self, model, label_map: LabelMap, data: TrainingSet, active_map: LabelMap,
                 reference: list[Labelled], reference_ok: list[bool] | None = None,
-                ) -> tuple[Scores, tuple[list[bool], list[bool]]]:
-        """The model's scores, and which reference and holdout rows it got right (for the paired tests).
+                ) -> tuple[Scores, tuple[list[bool], list[bool], list[bool]]]:
+        """The model's scores, and which reference, holdout and known-label rows it got right (paired tests).
 
         ``reference_ok``: already known (the active version's, from the screen).
         """
@@ -344,11 +344,12 @@ class Learner:
         if reference_ok is None:
             reference_ok = self.trainer.correct(model, label_map, reference)
         holdout_ok = self.trainer.correct(model, label_map, data.holdout)
+        known_ok = self.trainer.correct(model, label_map, known, among=len(active_map))
         share = lambda ok: sum(ok) / len(ok) if ok else None  # noqa: E731
-        return Scores(holdout=share(holdout_ok), known=self.trainer.accuracy(model, label_map, known, among=len(active_map)),
+        return Scores(holdout=share(holdout_ok), known=share(known_ok),
                       golden=self.trainer.accuracy(model, label_map, self._golden), n_holdout=len(data.holdout),
                       n_known=len(known), reference=share(reference_ok),
-                      n_reference=len(reference_ok)), (reference_ok, holdout_ok)
+                      n_reference=len(reference_ok)), (reference_ok, holdout_ok, known_ok)
 
     def _publish(self, model, label_map: LabelMap, parent: str | None, decision: GateDecision,
                  outcome: CycleOutcome) -> None:

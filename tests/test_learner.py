@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 
 from learner.cycle import build_learner
 from learner.dataset import Labelled, Negative, build_training_set, is_reference, reference_rows, resolve
-from learner.gate import Paired, Scores, decide
+from learner.gate import Paired, Pairs, Scores, decide
 from learner.train import _loss
 from learner.trigger import OpsTriggers, due
 from loraloop.buffer.memory import MemoryFeedbackBuffer
@@ -81,7 +81,7 @@ def test_gate(candidate: Scores, active: Scores | None, promote: bool, why: str)
 def test_gate_reference_set_needs_a_significant_loss(reference, pairs, promote) -> None:
     cand = Scores(1.0, 1.0, None, 50, 40, reference=reference[0], n_reference=100)
     act = Scores(0.5, 1.0, None, 50, 40, reference=reference[1], n_reference=100)
-    decision = decide(cand, act, tolerance=0.02, reference_pairs=pairs, alpha=0.05)
+    decision = decide(cand, act, tolerance=0.02, pairs=Pairs(reference=pairs), alpha=0.05)
     assert decision.promote is promote, decision.reason
     assert decision.suspect_feedback is (not promote)
 
@@ -95,7 +95,7 @@ def test_gate_reference_set_needs_a_significant_loss(reference, pairs, promote) 
 def test_gate_holdout_rejects_only_a_significant_loss_beyond_tolerance(holdout, pairs, promote) -> None:
     cand = Scores(holdout[0], 0.9, None, 46, 40)
     act = Scores(holdout[1], 0.9, None, 46, 40)
-    decision = decide(cand, act, tolerance=0.02, alpha=0.05, holdout_pairs=pairs)
+    decision = decide(cand, act, tolerance=0.02, alpha=0.05, pairs=Pairs(holdout=pairs))
     assert decision.promote is promote, decision.reason
     assert promote or ("worse on the holdout" in decision.reason and not decision.suspect_feedback)
 
@@ -107,9 +107,22 @@ def test_gate_holdout_rejects_only_a_significant_loss_beyond_tolerance(holdout, 
 def test_only_a_strong_reference_loss_quarantines_the_claim(pairs: Paired, suspect: bool) -> None:
     cand = Scores(1.0, 1.0, None, 50, 40, reference=0.80, n_reference=100)
     act = Scores(0.5, 1.0, None, 50, 40, reference=0.90, n_reference=100)
-    decision = decide(cand, act, tolerance=0.02, reference_pairs=pairs, alpha=0.05, quarantine_alpha=0.005)
+    decision = decide(cand, act, tolerance=0.02, pairs=Pairs(reference=pairs), alpha=0.05, quarantine_alpha=0.005)
     assert not decision.promote and "reference set" in decision.reason
     assert decision.suspect_feedback is suspect
+
+
+@pytest.mark.parametrize(("pairs", "promote"), [
+    (Paired(candidate_only=0, active_only=2), True),  # 2 rows of 41 (4.9 points): noise (p=0.25)
+    (Paired(candidate_only=0, active_only=6), False),  # 6 rows, none won: p=0.016
+    (None, False),  # no pairs: the tolerance alone decides
+])
+def test_gate_forgetting_check_needs_a_significant_loss(pairs: Paired | None, promote: bool) -> None:
+    known = (0.829, 0.878) if pairs is None or pairs.active_only == 2 else (0.732, 0.878)
+    cand, act = Scores(0.9, known[0], None, 50, 41), Scores(0.8, known[1], None, 50, 41)
+    decision = decide(cand, act, tolerance=0.02, pairs=Pairs(known=pairs), alpha=0.05)
+    assert decision.promote is promote, decision.reason
+    assert promote or decision.reason.startswith("forgets known labels")
 
 
 def test_triggers_and_cross_process_ops_requests(tmp_path: Path) -> None:
