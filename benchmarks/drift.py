@@ -397,8 +397,9 @@ def quick_data(folder: Path, seed: int) -> tuple[Path, Path]:
 
 # --- output --------------------------------------------------------------------------------------
 def plot(path: Path, traces: dict[str, dict], oracle: float | None, window: int, title: str,
-         quiet: bool = False) -> None:
-    """Rolling prequential accuracy of every system, loraloop's promotions/rejections/rollbacks marked."""
+         quiet: bool = False, poison_span: tuple[int, int] | None = None) -> None:
+    """Rolling prequential accuracy of every system, loraloop's promotions/rejections/rollbacks marked,
+    and the poisoned burst's requests shaded when given."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -415,6 +416,8 @@ def plot(path: Path, traces: dict[str, dict], oracle: float | None, window: int,
                 color=colors.get(name), label=name)
     if oracle is not None:
         ax.axhline(oracle, color="tab:green", ls="--", lw=1, label=f"offline oracle (test) {oracle:.3f}")
+    if poison_span is not None:
+        ax.axvspan(*poison_span, color="tab:red", alpha=0.08, label="poisoned burst (loraloop_poisoned)")
     phases = next(iter(traces.values()))["phases"] if traces else []
     for phase in (1, 2):
         if phase in phases:
@@ -589,9 +592,12 @@ class Run:
             write_json(self.args.out, self.data())
         if self.args.plot and self.traces:
             oracle = self.results.get("oracle", {}).get("final_accuracy")
+            from loraloop.demo.run import DemoConfig
+
+            span = DemoConfig().poison_span(self.args.requests) if "loraloop_poisoned" in self.traces else None
             plot(self.args.plot, self.traces, oracle, window=max(20, self.args.requests // 20),
                  title=f"drift: {len(self.labels[0])} known + {len(self.labels[1])} new labels, "
-                       f"{self.args.requests} requests", quiet=quiet)
+                       f"{self.args.requests} requests", quiet=quiet, poison_span=span)
 
     def report(self) -> None:
         print_results(self.results)
