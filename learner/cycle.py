@@ -3,16 +3,19 @@
 One cycle, in order (the order is what makes it safe to kill at any point):
 
 1. **claim** up to ``cycle_max_feedback`` new examples from the buffer;
-2. **build** the training set: resolved feedback + a replay sample, holdouts set aside (the
-   reference requests' examples are never trained on: see :func:`learner.dataset.is_reference`);
+2. **screen** the claim: corrections the live version contests on one label far more than
+   usual are set aside (:mod:`learner.screen`), then **build** the training set: resolved
+   feedback + a replay sample, holdouts set aside (the reference requests' examples are never
+   trained on: see :func:`learner.dataset.is_reference`);
 3. **train** a candidate starting from the active version (head fit, then LoRA);
 4. **evaluate** candidate and active on the golden set, the reference set, the holdout and
    known labels;
 5. **publish** the candidate and **promote** it if the gate passes (a rejected candidate
    is published too, marked rejected with the gate's reason, for the audit trail);
 6. **record** the outcome in the registry, and only then **acknowledge** the claim -- without
-   remembering it in the replay reservoir when the gate found its feedback suspect (the
-   candidate lost on the golden or reference set): a poisoned burst is not replayed later.
+   remembering in the replay reservoir what the screen set aside, nor the whole claim when the
+   gate found its feedback suspect (the candidate lost on the golden or reference set): a
+   poisoned burst is not replayed later.
 
 A learner killed before step 6 leaves the registry's active pointer unchanged and its
 claim unacknowledged: the buffer hands the same examples out again after ``claim_idle_s``.
@@ -327,12 +330,12 @@ class Learner:
             return GateDecision(True, "gate disabled")
         if act_ok is None:
             return decide(cand_scores, None, s.gate_tolerance, alpha=s.gate_alpha)
-        pairs = Pairs(*(_paired(c, a) for c, a in zip(cand_ok, act_ok, strict=True)))
+        pairs = Pairs(**{name: _paired(cand_ok[name], act_ok[name]) for name in cand_ok})
         return decide(cand_scores, act_scores, s.gate_tolerance, pairs, s.gate_alpha, s.gate_quarantine_alpha)
 
     def _scores(self, model, label_map: LabelMap, data: TrainingSet, active_map: LabelMap,
                 reference: list[Labelled], reference_ok: list[bool] | None = None,
-                ) -> tuple[Scores, tuple[list[bool], list[bool], list[bool]]]:
+                ) -> tuple[Scores, dict[str, list[bool]]]:
         """The model's scores, and which reference, holdout and known-label rows it got right (paired tests).
 
         ``reference_ok``: already known (the active version's, from the screen).
@@ -349,7 +352,8 @@ class Learner:
         return Scores(holdout=share(holdout_ok), known=share(known_ok),
                       golden=self.trainer.accuracy(model, label_map, self._golden), n_holdout=len(data.holdout),
                       n_known=len(known), reference=share(reference_ok),
-                      n_reference=len(reference_ok)), (reference_ok, holdout_ok, known_ok)
+                      n_reference=len(reference_ok)), {"reference": reference_ok, "holdout": holdout_ok,
+                                                       "known": known_ok}
 
     def _publish(self, model, label_map: LabelMap, parent: str | None, decision: GateDecision,
                  outcome: CycleOutcome) -> None:
