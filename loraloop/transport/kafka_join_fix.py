@@ -48,7 +48,7 @@ def _patch() -> bool:
 
     async def join_group_async(self, timeout_ms=None):
         task = self._join_task
-        if task is not None and task.is_done and task.exception is None and self.rejoining:
+        if task is not None and task.succeeded() and self.rejoining:
             await _complete_join(self, task.value)
         return await original(self, timeout_ms)
 
