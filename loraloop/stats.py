@@ -51,12 +51,7 @@ def paired_worse_p_value(new_only: float, old_only: float) -> float:
     ``new_only + old_only`` discordant pairs is Binomial(n, 1/2); the p-value is its upper tail.
     """
     b, c = int(round(old_only)), int(round(new_only))
-    n = b + c
-    if n == 0:
-        return 1.0
-    terms = [_log_comb(n, k) - n * math.log(2) for k in range(b, n + 1)]
-    top = max(terms)
-    return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in terms))
+    return 1.0 if b + c == 0 else binomial_upper_p_value(b, b + c, 0.5)
 
 
 def binomial_upper_p_value(successes: int, trials: int, rate: float) -> float:
