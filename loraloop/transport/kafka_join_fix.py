@@ -48,13 +48,23 @@ def _patch() -> bool:
 
     async def join_group_async(self, timeout_ms=None):
         task = self._join_task
-        if task is not None and task.succeeded() and self.rejoining:
+        if task is not None and task.succeeded() and self.rejoining and _still_in_that_generation(self):
             await _complete_join(self, task.value)
         return await original(self, timeout_ms)
 
     BaseCoordinator.join_group_async = join_group_async
     logger.debug("kafka-python join_group_async patched: a join that finished between polls is kept")
     return True
+
+
+def _still_in_that_generation(coordinator) -> bool:
+    """Nothing reset the member since its join finished (a reset leaves it UNJOINED, generation -1):
+    otherwise the finished join is stale and the library's fresh JoinGroup is right."""
+    from kafka.coordinator.base import Generation
+    from kafka.structs import MemberState
+
+    return (coordinator.state is MemberState.REBALANCING
+            and coordinator._generation.generation_id != Generation.NO_GENERATION.generation_id)
 
 
 async def _complete_join(coordinator, assignment: bytes) -> None:
