@@ -247,10 +247,14 @@ class AdapterRegistry:
 
     # --- annotations -------------------------------------------------------------------
     def mark_rejected(self, version: str, evidence: dict) -> None:
+        self.set_status(version, "rejected", evidence)
+
+    def set_status(self, version: str, status: str, evidence: dict) -> None:
+        """Annotate ``version`` (``candidate``, ``rejected``, ``superseded``...): versions are immutable, status is not."""
         self.show(version)
         self.fs.makedirs(f"{self.root}/status", exist_ok=True)
-        status = {"status": "rejected", "evidence": evidence, "at": time.time()}
-        write_atomic(self.fs, f"{self.root}/status/{version}.json", json.dumps(status, default=str).encode())
+        record = {"status": status, "evidence": evidence, "at": time.time()}
+        write_atomic(self.fs, f"{self.root}/status/{version}.json", json.dumps(record, default=str).encode())
 
     def record_cycle(self, outcome: dict) -> None:
         self.fs.makedirs(f"{self.root}/cycles", exist_ok=True)
