@@ -54,7 +54,8 @@ logger = logging.getLogger("benchmarks.drift")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "banking77"
 LIVE_SYSTEMS = ("loraloop", "static", "naive", "head_only")
-SYSTEMS = (*LIVE_SYSTEMS, "oracle")
+# oracle_same_feedback is computed inside loraloop's run, from what that run's users sent.
+SYSTEMS = (*LIVE_SYSTEMS, "oracle", "oracle_same_feedback")
 # Settings each live system changes; everything else is the shipped default (or the demo's).
 SYSTEM_SETTINGS: dict[str, dict[str, object]] = {
     "loraloop": {}, "static": {}, "naive": {"replay_ratio": 0.0, "gate_enabled": False, "reference_share": 0.0},
@@ -147,6 +148,7 @@ class Job:
     threads: int = 0
     bootstrap_per_label: int = 40
     max_test: int = 10**9
+    same_feedback_oracle: bool = False  # loraloop's run also trains the oracle on the feedback it received
 
 
 def _settings(job: Job):
@@ -308,40 +310,53 @@ def run_live(job: Job) -> dict:
     if job.system != "static" and demo.guard is not None:
         result["guard_decisions"] = [{"version": e.version, "action": e.action, "reason": e.reason,
                                       "after_s": round(e.decided_at - e.promoted_at, 1)} for e in demo.guard.events]
+    if job.system != "static":
+        result.update(set_aside_report(cycles, demo.claimed, demo.sent_feedback, demo.observed.poisoned_events))
     if job.poison:
         result.update(_poison_report(demo, job, cycles, summary["final_version"]))
+    out_extra = {}
+    if job.same_feedback_oracle:
+        out_extra["oracle_same_feedback"] = oracle_same_feedback(job, demo.bootstrap_rows, demo.sent_feedback)
     trace = {"correct": [bool(c) for c in obs.correct], "is_new": list(obs.is_new), "phases": list(obs.phases),
              "events": [list(e) for e in demo.events]}
-    return {"result": result, "trace": trace, "labels": (summary["known_labels"], summary["new_labels"])}
+    return {"result": result, "trace": trace, "labels": (summary["known_labels"], summary["new_labels"]), **out_extra}
 
 
-def run_oracle(job: Job) -> dict:
-    """The offline oracle: the better of LR on frozen embeddings and head fit + 1 LoRA epoch, on the whole train file."""
+def _test_split(job: Job) -> tuple[list[tuple[str, str]], list[tuple[str, str]], set[str]]:
+    """(train rows, the test rows Demo evaluates on -- the same shuffle and cut --, the known labels)."""
+    from loraloop.demo.data import load_csv
+    from loraloop.demo.scenario import DriftPlan
+
+    train = list(dict(load_csv(job.train, job.text_column, job.label_column)).items())
+    test = load_csv(job.test, job.text_column, job.label_column)
+    random.Random(job.seed).shuffle(test)
+    test = test[:job.max_test]
+    labels = sorted({label for _, label in train})
+    return train, test, set(DriftPlan.split(labels, 0.6, job.seed).known)
+
+
+def _offline(job: Job, train: list, negatives: list, test: list[tuple[str, str]], known: set[str],
+             epochs: int) -> dict:
+    """The better of LR on frozen embeddings and the learner's recipe (head fit + ``epochs`` LoRA epochs).
+
+    ``train``: Labelled rows; ``negatives``: Negative rows (the recipe's unlikelihood term uses them).
+    """
     import torch
     from _oracle import embed
     from sklearn.linear_model import LogisticRegression
 
-    from learner.dataset import Labelled
     from learner.train import Trainer, seed_everything
-    from loraloop.demo.data import load_csv
-    from loraloop.demo.scenario import DriftPlan
     from loraloop.model import LabelMap
 
     if job.threads:
         torch.set_num_threads(job.threads)
     settings = _settings(job)
-    train = list(dict(load_csv(job.train, job.text_column, job.label_column)).items())
-    test = load_csv(job.test, job.text_column, job.label_column)
-    random.Random(job.seed).shuffle(test)  # the test rows Demo evaluates on: the same shuffle and cut
-    test = test[:job.max_test]
-    labels = sorted({label for _, label in train})
-    known = set(DriftPlan.split(labels, 0.6, job.seed).known)
+    labels = sorted({r.label for r in train})
     truth = [label for _, label in test]
     candidates: dict[str, dict] = {}
-
     started = time.perf_counter()
-    x_train, x_test = embed(settings, [t for t, _ in train]), embed(settings, [t for t, _ in test])
-    clf = LogisticRegression(max_iter=2000, C=10.0).fit(x_train, [label for _, label in train])
+    x_train, x_test = embed(settings, [r.text for r in train]), embed(settings, [t for t, _ in test])
+    clf = LogisticRegression(max_iter=2000, C=10.0).fit(x_train, [r.label for r in train])
     candidates["logistic_regression"] = {**split_accuracy(list(clf.predict(x_test)), truth, known),
                                          "seconds": round(time.perf_counter() - started, 1)}
     if job.oracle_finetune:
@@ -350,15 +365,76 @@ def run_oracle(job: Job) -> dict:
         settings = settings.model_copy(update={"label_capacity": max(settings.label_capacity, len(labels))})
         trainer = Trainer(settings, show_progress=False)
         model, label_map = trainer.model_for(None, trainable=True), LabelMap(tuple(labels))
-        rows = [Labelled(t, y) for t, y in train]
-        trainer.fit_head(model, label_map, rows)
-        trainer.finetune(model, label_map, rows, [], epochs=1)
+        trainer.fit_head(model, label_map, train)
+        trainer.finetune(model, label_map, train, [n for n in negatives if n.label in labels], epochs=epochs)
         predicted = [label_map.labels[i] for i in trainer.predict(model, [t for t, _ in test], len(label_map))]
-        candidates["lora_finetune"] = {**split_accuracy(predicted, truth, known),
-                                       "seconds": round(time.perf_counter() - started, 1)}
+        candidates["learner_recipe" if negatives else "lora_finetune"] = {
+            **split_accuracy(predicted, truth, known), "seconds": round(time.perf_counter() - started, 1)}
     best = max(candidates, key=lambda name: candidates[name]["final_accuracy"])
-    return {"result": {**{k: v for k, v in candidates[best].items() if k != "seconds"}, "method": best,
-                       "candidates": candidates}}
+    return {**{k: v for k, v in candidates[best].items() if k != "seconds"}, "method": best,
+            "rows": len(train), "candidates": candidates}
+
+
+def run_oracle(job: Job) -> dict:
+    """The offline oracle: the better of LR on frozen embeddings and head fit + 1 LoRA epoch, on the whole train file."""
+    from learner.dataset import Labelled
+
+    train, test, known = _test_split(job)
+    return {"result": _offline(job, [Labelled(t, y) for t, y in train], [], test, known, epochs=1)}
+
+
+def same_feedback_rows(bootstrap: list[tuple[str, str]], sent: list) -> tuple[list, list]:
+    """What the loop received, resolved as the learner resolves it: (Labelled rows, Negative rows).
+
+    ``sent``: (FeedbackEvent, request text, served label) for every event the users sent, noise and
+    poison included. A thumbs-up confirms the served label, a thumbs-down only rejects it.
+
+    Example:
+        >>> from loraloop.schemas import FeedbackEvent
+        >>> ev = lambda i, r, kind, label=None: FeedbackEvent(event_id=i, request_id=r, kind=kind, label=label, ts=1.0)
+        >>> rows, negatives = same_feedback_rows([("hi", "greet")], [(ev("e1", "r1", "thumbs_up"), "bye", "leave"),
+        ...     (ev("e2", "r2", "thumbs_down"), "eh", "greet"), (ev("e3", "r3", "label", "x"), "x?", "greet")])
+        >>> [(r.text, r.label) for r in rows], [(n.text, n.label) for n in negatives]
+        ([('hi', 'greet'), ('bye', 'leave'), ('x?', 'x')], [('eh', 'greet')])
+    """
+    from learner.dataset import Labelled, Negative, resolve
+    from loraloop.schemas import Example
+
+    examples = [Example(event_id=e.event_id, request_id=e.request_id, text=text, kind=e.kind,
+                        label={"label": e.label, "thumbs_up": served}.get(e.kind),
+                        negative_label=served if e.kind == "thumbs_down" else None, served_label=served,
+                        adapter_version="", ts=e.ts) for e, text, served in sent]
+    resolved, _ = resolve(examples)
+    rows = [Labelled(t, y) for t, y in bootstrap] + [r for r in resolved if isinstance(r, Labelled)]
+    return rows, [r for r in resolved if isinstance(r, Negative)]
+
+
+def oracle_same_feedback(job: Job, bootstrap: list[tuple[str, str]], sent: list) -> dict:
+    """Offline, on exactly what the loop received (bootstrap rows + every feedback event), the same test rows."""
+    _, test, known = _test_split(job)
+    rows, negatives = same_feedback_rows(bootstrap, sent)
+    return _offline(job, rows, negatives, test, known, epochs=_settings(job).epochs)
+
+
+def set_aside_report(cycles: list[dict], claimed: dict[str, set[str]], sent: list, poisoned: set[str]) -> dict:
+    """Honest corrections (label events not from a poisoned burst) and how many the screen and the gate set aside.
+
+    The screen sets aside its suspect rows; the gate's quarantine keeps a whole claim out of the reservoir.
+
+    Example:
+        >>> from loraloop.schemas import FeedbackEvent
+        >>> sent = [(FeedbackEvent(event_id=f"e{i}", request_id=f"r{i}", kind="label", label="a"), "t", "b")
+        ...         for i in range(4)]
+        >>> cycles = [{"claim_id": "c1", "screened_ids": ["e0", "e3"]}, {"claim_id": "c2", "quarantined": True}]
+        >>> set_aside_report(cycles, {"c1": {"e0", "e3"}, "c2": {"e1"}}, sent, poisoned={"e3"})
+        {'honest_corrections': 3, 'screened_honest': 1, 'quarantined_honest': 1, 'set_aside_honest': 2}
+    """
+    honest = {e.event_id for e, _, _ in sent if e.kind == "label"} - poisoned
+    screened = {i for c in cycles for i in c.get("screened_ids") or ()} & honest
+    quarantined = {i for c in cycles if c.get("quarantined") for i in claimed.get(c.get("claim_id", ""), ())}
+    quarantined = (quarantined & honest) - screened
+    return {"honest_corrections": len(honest), "screened_honest": len(screened),
+            "quarantined_honest": len(quarantined), "set_aside_honest": len(screened) + len(quarantined)}
 
 
 # Imported once by the fork server, so that each system's fresh process starts in a second, not in ten.
@@ -445,9 +521,19 @@ def plot(path: Path, traces: dict[str, dict], oracle: float | None, window: int,
 
 def print_results(results: dict[str, dict]) -> None:
     columns = ["system", "final_accuracy", "final_accuracy_known", "final_accuracy_new", "forgetting",
-               "requests_to_80pct_new", "promotions", "rejections", "rollbacks", "learner_time_s", "live_accuracy"]
-    rows = [{"system": name, **figures} for name, figures in results.items()]
-    print_table(rows, columns, title="drift scenario: test accuracy at the end, and the loop's activity")
+               "efficiency", "efficiency_new", "set_aside_honest", "requests_to_80pct_new", "promotions",
+               "rejections", "rollbacks", "learner_time_s", "live_accuracy"]
+
+    def cell(figures: dict, key: str) -> object:
+        value, spread = figures.get(key), (figures.get("sd") or {}).get(key)
+        if isinstance(value, float) and len(figures.get("seeds") or ()) > 1 and spread is not None:
+            return f"{value:.4f} ± {spread:.4f}"
+        return value
+
+    rows = [{"system": name, **{k: cell(figures, k) for k in columns[1:]}} for name, figures in results.items()]
+    seeds = next(iter(results.values()), {}).get("seeds") or []
+    print_table(rows, columns, title="drift scenario: test accuracy at the end, and the loop's activity"
+                + (f" (mean ± sd over seeds {seeds})" if len(seeds) > 1 else ""))
 
 
 # --- main ----------------------------------------------------------------------------------------
@@ -462,6 +548,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--feedback-fraction", type=float, default=0.5, help="Share of predictions users judge.")
     parser.add_argument("--noise", type=float, default=0.05, help="Share of user labels that are wrong.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the scenario and of training.")
+    parser.add_argument("--seeds", default="",
+                        help="Comma-separated seeds: every system runs on every seed; figures are means with their "
+                        "standard deviation and a per_seed list (default: --seed alone).")
+    parser.add_argument("--merge", nargs="+", type=Path, metavar="JSON",
+                        help="Combine the per-seed figures of earlier runs (split by seed or by system) into --out; "
+                        "runs nothing.")
     parser.add_argument("--poison", action="store_true",
                         help="Also run loraloop with a burst of adversarial feedback and compare with the clean run: "
                         "from 55%% of the stream, for 20%% of it, a share --poison-share of the judged predictions "
@@ -489,6 +581,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = sorted(set(args.systems) - set(SYSTEMS))
     if unknown:
         parser.error(f"unknown system(s) {unknown}; choose from {list(SYSTEMS)}")
+    if "oracle_same_feedback" in args.systems and "loraloop" not in args.systems:
+        parser.error("oracle_same_feedback trains on what loraloop's run received: add loraloop to --systems")
+    try:
+        args.seeds = [int(x) for x in args.seeds.split(",") if x.strip()] if args.seeds else [args.seed]
+    except ValueError:
+        parser.error(f"--seeds takes comma-separated integers, got {args.seeds!r}")
+    if args.merge and not args.out:
+        parser.error("--merge needs --out")
     return args
 
 
@@ -518,62 +618,166 @@ def _setup(args: argparse.Namespace, tmp: Path) -> dict[str, object]:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
+    if args.merge:
+        merged = merge_runs([json.loads(path.read_text()) for path in args.merge])
+        write_json(args.out, merged)
+        print_results({k: v for k, v in merged.items() if k in SYSTEMS})
+        return 0
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="loraloop-drift-") as tmp_name:
         tmp = Path(tmp_name)
         settings = _setup(args, tmp)
-
-        def job(system: str, **extra: object) -> Job:
-            return Job(system=system, train=str(args.train), test=str(args.test), text_column=args.text_column,
-                       label_column=args.label_column, requests=args.requests, rate=args.rate,
-                       feedback_fraction=args.feedback_fraction, noise=args.noise, seed=args.seed,
-                       out=str(tmp / system), settings=settings, windows=args.windows, threads=args.threads,
-                       oracle_finetune=not args.no_oracle_finetune, bootstrap_per_label=args.bootstrap_per_label,
-                       max_test=args.max_test, **extra)
-
         run = Run(args, settings, started)
-        order = list(args.systems) + (["loraloop"] if args.poison and "loraloop" not in args.systems else [])
-        for system in order:  # in the order asked for: a run stopped midway keeps the systems done so far
-            t0 = time.monotonic()
-            if system == "oracle":
-                print("\n=== oracle (offline, whole training file) ===", flush=True)
-                run.results["oracle"] = _in_fresh_process(run_oracle, job("oracle"))["result"]
-            else:
-                print(f"\n=== {system} ({args.requests} requests) ===", flush=True)
-                out = _in_fresh_process(run_live, job(system))
-                run.results[system], run.traces[system], run.labels = out["result"], out["trace"], out["labels"]
-            print(f"=== {system}: done in {time.monotonic() - t0:.0f} s, test accuracy "
-                  f"{run.results[system]['final_accuracy']:.3f}", flush=True)
-            run.save(quiet=True)
-        if args.poison:
-            print("\n=== loraloop_poisoned ===", flush=True)
-            poisoned_job = dataclasses.replace(job("loraloop", poison=True, poison_share=args.poison_share),
-                                               out=str(tmp / "loraloop_poisoned"))
-            out = _in_fresh_process(run_live, poisoned_job)
-            run.traces["loraloop_poisoned"] = out["trace"]
-            clean, poisoned = run.results["loraloop"]["final_accuracy"], out["result"]["final_accuracy"]
-            run.poison = {"poison_share": args.poison_share, "clean_final_accuracy": clean,
-                          "poisoned_final_accuracy": poisoned,
-                          "difference": round(poisoned - clean, 4), "poisoned": out["result"]}
-            if "loraloop" not in args.systems:
-                run.results.pop("loraloop")
+        for seed in args.seeds:
+            run_seed(args, settings, tmp / f"seed{seed}", seed, run)
         run.report()
     return 0
 
 
+def run_seed(args: argparse.Namespace, settings: dict, tmp: Path, seed: int, run: Run) -> None:
+    """Every asked-for system on one seed; figures land in ``run`` as soon as each system ends."""
+    tmp.mkdir(parents=True, exist_ok=True)
+
+    def job(system: str, **extra: object) -> Job:
+        return Job(system=system, train=str(args.train), test=str(args.test), text_column=args.text_column,
+                   label_column=args.label_column, requests=args.requests, rate=args.rate,
+                   feedback_fraction=args.feedback_fraction, noise=args.noise, seed=seed,
+                   out=str(tmp / system), settings=settings, windows=args.windows, threads=args.threads,
+                   oracle_finetune=not args.no_oracle_finetune, bootstrap_per_label=args.bootstrap_per_label,
+                   max_test=args.max_test, **extra)
+
+    order = [x for x in args.systems if x != "oracle_same_feedback"]
+    if args.poison and "loraloop" not in order:
+        order.append("loraloop")
+    for system in order:  # in the order asked for: a run stopped midway keeps the systems done so far
+        t0 = time.monotonic()
+        if system == "oracle":
+            print(f"\n=== oracle, seed {seed} (offline, whole training file) ===", flush=True)
+            run.add(seed, "oracle", _in_fresh_process(run_oracle, job("oracle"))["result"])
+        else:
+            print(f"\n=== {system}, seed {seed} ({args.requests} requests) ===", flush=True)
+            same = system == "loraloop" and "oracle_same_feedback" in args.systems
+            out = _in_fresh_process(run_live, job(system, same_feedback_oracle=same))
+            run.add(seed, system, out["result"], out["trace"])
+            run.labels = out["labels"]
+            if same:
+                run.add(seed, "oracle_same_feedback", out["oracle_same_feedback"])
+                run.add_efficiency(seed)
+        print(f"=== {system}, seed {seed}: done in {time.monotonic() - t0:.0f} s, test accuracy "
+              f"{run.per_seed[system][seed]['final_accuracy']:.3f}", flush=True)
+        run.save(quiet=True)
+    if args.poison:
+        print(f"\n=== loraloop_poisoned, seed {seed} ===", flush=True)
+        poisoned_job = dataclasses.replace(job("loraloop", poison=True, poison_share=args.poison_share),
+                                           out=str(tmp / "loraloop_poisoned"))
+        out = _in_fresh_process(run_live, poisoned_job)
+        clean, poisoned = run.per_seed["loraloop"][seed]["final_accuracy"], out["result"]["final_accuracy"]
+        run.add_poison(seed, {"poison_share": args.poison_share, "clean_final_accuracy": clean,
+                              "poisoned_final_accuracy": poisoned, "difference": round(poisoned - clean, 4),
+                              "poisoned": out["result"]}, out["trace"])
+        if "loraloop" not in args.systems:
+            run.per_seed.pop("loraloop")
+        run.save(quiet=True)
+
+
+# --- across seeds --------------------------------------------------------------------------------------
+def aggregate(per_seed: dict[int, dict]) -> dict:
+    """Means of the numeric figures over seeds, their sample standard deviation (``sd``), and ``per_seed``.
+
+    Figures that are not numbers (lists, dicts) are the first seed's; every seed's are in ``per_seed``.
+
+    Example:
+        >>> out = aggregate({0: {"final_accuracy": 0.8, "method": "x"}, 1: {"final_accuracy": 0.9, "method": "y"}})
+        >>> out["final_accuracy"], out["sd"]["final_accuracy"], out["method"], [r["seed"] for r in out["per_seed"]]
+        (0.85, 0.0707, 'x', [0, 1])
+    """
+    import statistics
+
+    seeds = sorted(per_seed)
+    first = per_seed[seeds[0]]
+    out: dict = {}
+    sd: dict[str, float] = {}
+    for key, value in first.items():
+        values = [per_seed[s].get(key) for s in seeds]
+        if all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+            out[key] = round(statistics.fmean(values), 4)
+            sd[key] = round(statistics.stdev(values), 4) if len(values) > 1 else 0.0
+        else:
+            out[key] = value
+    return {**out, "sd": sd, "seeds": seeds, "per_seed": [{"seed": s, **per_seed[s]} for s in seeds]}
+
+
+def merge_runs(runs: list[dict]) -> dict:
+    """One result from runs made separately (by seed or by system): their per-seed figures, aggregated again.
+
+    A later run's figures for the same system and seed replace an earlier one's.
+    """
+    per_seed: dict[str, dict[int, dict]] = {}
+    poison: dict[int, dict] = {}
+    for data in runs:
+        for system in SYSTEMS:
+            if system in data:
+                for row in data[system].get("per_seed") or [{"seed": data["config"].get("seed", 0), **data[system]}]:
+                    row = dict(row)
+                    per_seed.setdefault(system, {})[int(row.pop("seed"))] = row
+        if "poison" in data:
+            for row in data["poison"].get("per_seed") or [{"seed": data["config"].get("seed", 0), **data["poison"]}]:
+                row = dict(row)
+                poison[int(row.pop("seed"))] = row
+    merged: dict = {system: aggregate(rows) for system, rows in per_seed.items()}
+    if poison:
+        merged["poison"] = aggregate(poison)
+    merged["config"] = {**runs[-1].get("config", {}), "merged_from": len(runs),
+                        "seeds": sorted({s for rows in per_seed.values() for s in rows})}
+    merged["machine"] = runs[-1].get("machine", {})
+    return merged
+
+
+def efficiency(loop: dict, oracle: dict) -> dict:
+    """loraloop's final accuracy as a share of the oracle's trained on the same feedback (all, known, new labels).
+
+    Example:
+        >>> efficiency({"final_accuracy": 0.8, "final_accuracy_known": 0.9, "final_accuracy_new": 0.0},
+        ...            {"final_accuracy": 0.9, "final_accuracy_known": 0.9, "final_accuracy_new": 0.5})
+        {'efficiency': 0.8889, 'efficiency_known': 1.0, 'efficiency_new': 0.0}
+    """
+    out = {}
+    for suffix in ("", "_known", "_new"):
+        denominator = oracle.get(f"final_accuracy{suffix}") or 0.0
+        out[f"efficiency{suffix}"] = round(loop[f"final_accuracy{suffix}"] / denominator, 4) if denominator else None
+    return out
+
+
 class Run:
-    """Figures gathered so far, and how they are written out."""
+    """Figures gathered so far (per system and seed), and how they are written out."""
 
     def __init__(self, args: argparse.Namespace, settings: dict, started: float) -> None:
         self.args, self.settings, self.started = args, settings, started
-        self.results: dict[str, dict] = {}
-        self.traces: dict[str, dict] = {}
+        self.per_seed: dict[str, dict[int, dict]] = {}
+        self.traces: dict[str, dict] = {}  # the first seed's, for the plot
         self.labels: tuple[list[str], list[str]] = ([], [])
-        self.poison: dict | None = None
+        self.poison: dict[int, dict] = {}
+
+    def add(self, seed: int, system: str, result: dict, trace: dict | None = None) -> None:
+        self.per_seed.setdefault(system, {})[seed] = result
+        if trace is not None and system not in self.traces:
+            self.traces[system] = trace
+
+    def add_efficiency(self, seed: int) -> None:
+        loop = self.per_seed["loraloop"][seed]
+        loop.update(efficiency(loop, self.per_seed["oracle_same_feedback"][seed]))
+
+    def add_poison(self, seed: int, poison: dict, trace: dict) -> None:
+        self.poison[seed] = poison
+        self.traces.setdefault("loraloop_poisoned", trace)
+
+    @property
+    def results(self) -> dict[str, dict]:
+        return {system: aggregate(rows) for system, rows in self.per_seed.items()}
 
     def data(self) -> dict:
         args = self.args
-        config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+        config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "merge"}
         config.update({"settings": self.settings, "system_settings": SYSTEM_SETTINGS,
                        "known_labels": len(self.labels[0]), "new_labels": len(self.labels[1]),
                        "duration_s": round(time.monotonic() - self.started, 1)})
@@ -581,7 +785,7 @@ class Run:
             config["train"] = config["test"] = "(synthetic, generated by loraloop.demo.data.generate_intents)"
         data = {**self.results, "config": config, "machine": machine()}
         if self.poison:
-            data["poison"] = self.poison
+            data["poison"] = aggregate(self.poison)
         return data
 
     def save(self, quiet: bool = False) -> None:
@@ -597,17 +801,18 @@ class Run:
             span = DemoConfig().poison_span(self.args.requests) if "loraloop_poisoned" in self.traces else None
             plot(self.args.plot, self.traces, oracle, window=max(20, self.args.requests // 20),
                  title=f"drift: {len(self.labels[0])} known + {len(self.labels[1])} new labels, "
-                       f"{self.args.requests} requests", quiet=quiet, poison_span=span)
+                       f"{self.args.requests} requests, seed {self.args.seeds[0]}", quiet=quiet, poison_span=span)
 
     def report(self) -> None:
         print_results(self.results)
-        poison = self.poison
-        if poison:
+        if self.poison:
+            poison = aggregate(self.poison)
             bad = poison["poisoned"]
             caught = sum(v["screened"] for v in bad.get("poison_by_version", {}).values())
-            print(f"\npoison: final accuracy clean {poison['clean_final_accuracy']:.4f}, poisoned "
-                  f"{poison['poisoned_final_accuracy']:.4f} (difference {poison['difference']:+.4f}); poisoned run: "
-                  f"{bad['promotions']} promotions, {bad['rejections']} rejections, {bad['rollbacks']} rollbacks; "
+            print(f"\npoison (mean of {len(self.poison)} seed(s)): final accuracy clean "
+                  f"{poison['clean_final_accuracy']:.4f}, poisoned {poison['poisoned_final_accuracy']:.4f} "
+                  f"(difference {poison['difference']:+.4f}); first seed's poisoned run: {bad['promotions']} "
+                  f"promotions, {bad['rejections']} rejections, {bad['rollbacks']} rollbacks; "
                   f"{bad.get('poisoned_events', 0)} wrong labels sent, {caught} set aside by the screen, "
                   f"{bad.get('quarantined_examples', 0)} examples quarantined by the gate; versions that learned "
                   f"the poison: {bad['poisoned_versions']}, one active at the end: "

@@ -110,6 +110,11 @@ class Demo:
         self._pending: set[str] = set()
         self._lock = threading.Lock()
         self.events: list[tuple[int, str, str]] = []  # (prediction index, promoted/rejected/rolled_back, version)
+        # What the loop was given, for an offline model trained on the same data (benchmarks/drift.py):
+        # the first adapter's rows, and every feedback event sent with the text and the label it judged.
+        self.bootstrap_rows: list[tuple[str, str]] = []
+        self.sent_feedback: list[tuple[FeedbackEvent, str, str]] = []  # (event, request text, served label)
+        self._texts: dict[str, str] = {}
 
     # --- set-up ----------------------------------------------------------------------
     def _rows(self) -> list[tuple[str, str]]:
@@ -153,7 +158,7 @@ class Demo:
         self._build()
         self._cycles_before = len(self.registry.cycles())  # an --out folder reused: count this run's cycles only
 
-        boot = self._bootstrap_rows(train, plan)
+        boot = self.bootstrap_rows = self._bootstrap_rows(train, plan)
         print(f"bootstrap: training the first adapter on {len(boot)} examples of {len(plan.known)} known intents "
               f"({len(plan.new)} intents are new and will appear midway)")
         initial = self.learner.bootstrap([t for t, _ in boot], [label for _, label in boot])
@@ -243,6 +248,7 @@ class Demo:
                 request = Request(id=f"req-{sent:06d}", text=text)
                 with self._lock:
                     self._truth[request.id] = (label, phase)
+                    self._texts[request.id] = text
                     self._pending.add(request.id)
                 producer.send(s.requests_topic, request.to_bytes(), key=request.id.encode())
                 sent += 1
@@ -293,6 +299,7 @@ class Demo:
             event = FeedbackEvent(event_id=uuid.uuid4().hex, request_id=prediction.request_id, kind=kind, label=label)
             producer.send(self.settings.feedback_topic, event.to_bytes(), key=prediction.request_id.encode())
             obs.feedback_events += 1
+            self.sent_feedback.append((event, self._texts[prediction.request_id], prediction.label))
             if users.poison_target is not None and label == users.poison_target != truth:
                 obs.poisoned_events.add(event.event_id)
 
