@@ -63,6 +63,9 @@ class Metrics:
                                           namespace=ns, registry=r)
         self.inference_errors = Counter("inference_errors", "Batches whose forward pass raised.",
                                         namespace=ns, registry=r)
+        self.worker_loop_errors = Counter("worker_loop_errors", "Unexpected errors the worker's loop caught "
+                                          "outside every per-record boundary (the batch is served again).",
+                                          namespace=ns, registry=r)
         # --- feedback ---------------------------------------------------------------
         self.feedback_events = Counter("feedback_events", "Feedback events by kind and outcome "
                                        "(joined, duplicate, dead_letter).", ["kind", "outcome"],
@@ -76,6 +79,19 @@ class Metrics:
                                      "both_wrong).", ["adapter_version", "outcome"], namespace=ns, registry=r)
         self.buffer_depth = Gauge("buffer_depth", "Feedback examples not yet acknowledged by the learner.",
                                   namespace=ns, registry=r)
+        self.buffer_dropped = Counter("buffer_dropped", "Buffered examples dropped unused, by reason (drop_oldest: "
+                                      "buffer_trim made room; retention: older than request_text_retention_s; "
+                                      "replay_retention: reservoir entries older than it).", ["reason"],
+                                      namespace=ns, registry=r)
+        self.buffer_lost = Counter("buffer_lost", "Examples a Redis without persistence lost in a restart (its depth "
+                                   "before the restart; only when buffer_require_durable is off).",
+                                   namespace=ns, registry=r)
+        self.buffer_durable = Gauge("buffer_durable", "1 when the feedback buffer confirms durable appends, else 0.",
+                                    namespace=ns, registry=r)
+        self.feedback_held = Gauge("feedback_held", "Feedback events waiting in the ingester (early, or the store "
+                                   "was down).", namespace=ns, registry=r)
+        self.feedback_http_requests = Counter("feedback_http_requests", "Requests to the HTTP feedback endpoint, by "
+                                              "status code.", ["code"], namespace=ns, registry=r)
         self.buffer_claimed = Counter("buffer_claimed", "Examples claimed by the learner.", namespace=ns, registry=r)
         self.feedback_quarantined = Counter("feedback_quarantined", "Acknowledged examples kept out of the replay "
                                             "reservoir, by reason: gate (their candidate lost on the reference or "
@@ -92,6 +108,13 @@ class Metrics:
         self.learner_last_cycle_timestamp = Gauge("learner_last_cycle_timestamp_seconds",
                                                   "Unix time the last cycle ended.", namespace=ns, registry=r)
         self.train_loss = Gauge("train_loss", "Final training loss of the last cycle.", namespace=ns, registry=r)
+        self.learner_recovery = Counter("learner_recovery", "What the learner did to complete cycles a killed "
+                                        "learner left (published, promoted, superseded, recorded, abandoned, "
+                                        "settled: examples acknowledged without training them again, closed, "
+                                        "unreadable).", ["action"], namespace=ns, registry=r)
+        self.learner_triggers = Counter("learner_triggers", "Retrain trigger files by outcome (accepted, "
+                                        "unsigned, bad_signature, malformed, stale, replayed).", ["outcome"],
+                                        namespace=ns, registry=r)
         self.eval_accuracy = Gauge("eval_accuracy", "Accuracy of the last cycle's models by set and role.",
                                    ["dataset", "role"], namespace=ns, registry=r)
         self.promotions = Counter("promotions", "Adapter promotions by reason.", ["reason"], namespace=ns, registry=r)
@@ -109,11 +132,14 @@ METRIC_NAMES = frozenset({
     "loraloop_requests_truncated_total", "loraloop_batch_size", "loraloop_inference_seconds",
     "loraloop_end_to_end_seconds", "loraloop_consumer_lag", "loraloop_active_adapter",
     "loraloop_adapter_swaps_total", "loraloop_swap_seconds", "loraloop_prediction_confidence",
-    "loraloop_request_log_errors_total", "loraloop_inference_errors_total", "loraloop_feedback_events_total",
+    "loraloop_request_log_errors_total", "loraloop_inference_errors_total", "loraloop_worker_loop_errors_total",
+    "loraloop_feedback_events_total",
     "loraloop_judged_total", "loraloop_correct_total",
     "loraloop_paired_judged_total", "loraloop_buffer_depth", "loraloop_buffer_claimed_total",
-    "loraloop_buffer_acknowledged_total", "loraloop_feedback_quarantined_total", "loraloop_learner_cycles_total",
-    "loraloop_learner_cycle_seconds",
+    "loraloop_buffer_acknowledged_total", "loraloop_buffer_dropped_total", "loraloop_buffer_lost_total",
+    "loraloop_buffer_durable", "loraloop_feedback_held", "loraloop_feedback_http_requests_total",
+    "loraloop_feedback_quarantined_total", "loraloop_learner_cycles_total",
+    "loraloop_learner_cycle_seconds", "loraloop_learner_recovery_total", "loraloop_learner_triggers_total",
     "loraloop_learner_last_cycle_timestamp_seconds", "loraloop_train_loss", "loraloop_eval_accuracy",
     "loraloop_promotions_total", "loraloop_rollbacks_total", "loraloop_build_info",
     "loraloop_guard_decisions_total",

@@ -61,6 +61,12 @@ class Settings(BaseSettings):
     max_batch: int = Field(32, ge=1, description="Most requests in one micro-batch.")
     max_wait_ms: int = Field(5, ge=0, description="Longest wait to fill a micro-batch after its first request.")
     adapter_poll_s: float = Field(0.5, gt=0, description="Fallback polling period for the active adapter pointer.")
+    redact_dead_letters: bool = Field(False, description="Dead letters (worker and feedback ingester) drop the "
+                                      "refused record's text and keep only its keyed hash and length, with the "
+                                      "reason, detail and offset.")
+    redaction_key: SecretStr = Field(SecretStr(""), description="HMAC-SHA256 key of redacted dead-letter payloads "
+                                     "(never printed; empty: plain sha256, which a guess of a short text can "
+                                     "confirm).")
 
     # --- redis (request log, feedback buffer, registry pointer) -------------------------
     redis_url: str = Field("", description="redis://host:port/db (empty: in-memory, one process only).")
@@ -69,7 +75,9 @@ class Settings(BaseSettings):
 
     # --- registry ----------------------------------------------------------------------
     registry_url: str = Field("./loraloop-registry", description="Adapter registry root: local folder or fsspec URL.")
-    registry_pointer: str = Field("auto", description="Where the active pointer lives: file, redis, or auto (redis when redis_url is set).")
+    registry_pointer: str = Field("auto", description="Active pointer: file (pointer.json, the source of truth), redis (pointer.json plus a Redis copy and change notifications), or auto (redis when redis_url is set).")
+    registry_signing_key: SecretStr = Field(SecretStr(""), description="Ed25519 private key (PEM text or a file path) that signs every published version (never printed; `loraloop adapters keygen`).")
+    registry_verify_key: str = Field("", description="Ed25519 public key (PEM text or a file path): versions not signed by it are refused (empty: the signing key's, else no check).")
 
     # --- feedback buffer ---------------------------------------------------------------
     buffer_max: int = Field(100_000, ge=1, description="Most unacknowledged feedback examples kept.")
@@ -82,6 +90,27 @@ class Settings(BaseSettings):
                                 "1-64 characters without control characters).")
     feedback_grace_s: float = Field(10.0, ge=0, description="Feedback that arrives before its request is in the "
                                     "request log is retried this long before it is dead-lettered.")
+    feedback_store_retry_s: float = Field(120.0, ge=0, description="Feedback whose request is missing while the "
+                                          "request log was down or restarted meanwhile is retried this long (from "
+                                          "first sight) before it is dead-lettered as request_log_unavailable.")
+    buffer_require_durable: bool = Field(True, description="Refuse to start the ingester when the Redis buffer "
+                                         "has no persistence (no AOF, no replica): a restart would lose buffered "
+                                         "feedback whose offsets are committed. False: warn loudly and count losses.")
+    request_text_retention_s: float = Field(7 * 86400, gt=0, description="Longest that stored user text lives: "
+                                            "unacknowledged buffer entries and replay reservoir entries older than "
+                                            "this are dropped (counted); the request log TTL is capped by it.")
+    # --- feedback HTTP endpoint ---------------------------------------------------------
+    feedback_http_host: str = Field("127.0.0.1", description="Address the HTTP feedback endpoint binds (beyond "
+                                    "loopback it needs api_token).")
+    api_token: SecretStr = Field(SecretStr(""), description="Bearer token every write path (POST /feedback, admin "
+                                 "actions) must carry (never printed); mandatory when bound beyond loopback.")
+    feedback_http_max_connections: int = Field(256, ge=1, description="Most open connections to the feedback "
+                                               "endpoint; more are answered 503 at once.")
+    feedback_http_timeout_s: float = Field(10.0, gt=0, description="A feedback request's headers and body must "
+                                           "arrive within this; idle keep-alive connections close after it.")
+    feedback_http_rate_per_s: float = Field(50.0, gt=0, description="Requests per second one client address may "
+                                            "make to the feedback endpoint (token bucket; beyond it 429).")
+    feedback_http_burst: int = Field(100, ge=1, description="Token bucket size of the per-client rate limit.")
 
     # --- learner -----------------------------------------------------------------------
     cycle_interval_s: float = Field(600.0, gt=0, description="Start a learner cycle at least this often.")

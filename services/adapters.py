@@ -6,7 +6,9 @@
 Loading is split in two so that a worker never pauses serving for I/O or checks:
 
 * :meth:`AdapterManager.prepare` (any thread) reads the folder and verifies it in a
-  dry run, without touching the served model: the adapter's own ``LoraConfig`` is
+  dry run, without touching the served model: only regular files within size bounds
+  are opened (checked by ``lstat`` first, so a FIFO never blocks), the weights must be a
+  real safetensors file (its header parsed before loading); the adapter's own ``LoraConfig`` is
   injected into a *meta-device skeleton* of the base model (no memory, no weights) and
   PEFT itself says which keys and shapes that adapter must have; every tensor of the
   file is checked against them, and must be finite; the label map must fit the head.
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +41,8 @@ from loraloop.model import (
     LabelMap,
     MeanPoolClassifier,
 )
+from loraloop.registry.checks import check_local_entries, read_regular_file, safetensors_header
+from loraloop.registry.errors import RegistryError
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +135,7 @@ class AdapterManager:
             ValueError: ``name`` is already loaded.
         """
         from peft import LoraConfig
-        from safetensors.torch import load_file
+        from safetensors.torch import load as load_safetensors
 
         if not isinstance(name, str) or not name or "." in name:
             raise ValueError(f"invalid adapter name {name!r}: a non-empty string without dots")
@@ -143,9 +148,16 @@ class AdapterManager:
         pickled = sorted(p.name for p in folder.iterdir() if p.name.lower().endswith(_PICKLE_SUFFIXES))
         if pickled:
             raise AdapterError(f"{where}: refusing pickled weight files {pickled}; adapters must be safetensors")
-        missing = [n for n in (ADAPTER_WEIGHTS, ADAPTER_CONFIG, LABELS_FILE) if not (folder / n).is_file()]
+        required = [ADAPTER_WEIGHTS, ADAPTER_CONFIG, LABELS_FILE]
+        missing = [n for n in required if not os.path.lexists(folder / n)]
         if missing:
             raise AdapterError(f"{where}: missing {missing}")
+        try:  # lstat before anything is opened: a symlink, a FIFO or a huge file is refused, never read
+            check_local_entries(str(folder), required, where)
+            raw_weights = read_regular_file(str(folder / ADAPTER_WEIGHTS), where)
+            safetensors_header(raw_weights, where)
+        except RegistryError as e:
+            raise AdapterError(str(e)) from e
         try:
             raw_config = json.loads((folder / ADAPTER_CONFIG).read_text())
         except (OSError, ValueError) as e:
@@ -168,7 +180,7 @@ class AdapterManager:
             raise AdapterError(f"{where}: {len(label_map)} labels, the head has {self.capacity} slots "
                                f"(label_capacity); a label map must have 1..{self.capacity}")
         try:
-            weights = load_file(str(folder / ADAPTER_WEIGHTS), device="cpu")
+            weights = load_safetensors(raw_weights)
         except Exception as e:  # safetensors raises its own error type on a damaged file
             raise AdapterError(f"{where}: unreadable {ADAPTER_WEIGHTS} (corrupted?): {e}") from e
         self._check_weights(weights, self._expected_shapes(config, where), where)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import threading
 from pathlib import Path
@@ -125,7 +126,11 @@ def _lora_a_key(folder: Path) -> str:
 
 @pytest.mark.parametrize(("damage", "match"), [
     ("shape", r"shape mismatch for .*lora_A\.weight: file has \(4, 32\), the model needs \(8, 32\)"),
-    ("corrupt", r"unreadable adapter_model\.safetensors \(corrupted\?\)"),
+    ("corrupt", r"adapter_model\.safetensors is not a safetensors file \(tensor .* outside \d+ data bytes\)"),
+    ("bad_tensor_data", r"unreadable adapter_model\.safetensors \(corrupted\?\)"),
+    ("pickle_named_safetensors", r"adapter_model\.safetensors is not a safetensors file \(header length"),
+    ("symlink", r"adapter_model\.safetensors is a symbolic link, not a regular file"),
+    ("fifo", r"labels\.json is a FIFO, not a regular file"),
     ("too_many_labels", r"9 labels, the head has 8 slots"),
     ("missing_key", r"keys do not match the model: missing \[.*lora_A"),
     ("extra_key", r"unexpected \['base_model\.model\.encoder\.bogus\.weight'\]"),
@@ -150,6 +155,25 @@ def test_bad_adapters_are_refused_before_touching_the_model(env: dict, manager: 
     elif damage == "corrupt":
         data = (folder / ADAPTER_WEIGHTS).read_bytes()
         (folder / ADAPTER_WEIGHTS).write_bytes(data[: len(data) // 2])
+    elif damage == "bad_tensor_data":  # a header that parses but declares a dtype safetensors does not know
+        data = (folder / ADAPTER_WEIGHTS).read_bytes()
+        n = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8:8 + n])
+        first = next(k for k in header if k != "__metadata__")
+        header[first]["dtype"] = "NOPE"
+        raw = json.dumps(header).encode()
+        (folder / ADAPTER_WEIGHTS).write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + n:])
+    elif damage == "pickle_named_safetensors":
+        import pickle
+
+        (folder / ADAPTER_WEIGHTS).write_bytes(pickle.dumps({"lora_A": [0.0] * 64}))
+    elif damage == "symlink":
+        (folder / "real.safetensors").write_bytes((folder / ADAPTER_WEIGHTS).read_bytes())
+        (folder / ADAPTER_WEIGHTS).unlink()
+        (folder / ADAPTER_WEIGHTS).symlink_to(folder / "real.safetensors")
+    elif damage == "fifo":  # would block a reader that opened it; lstat refuses it first
+        (folder / LABELS_FILE).unlink()
+        os.mkfifo(folder / LABELS_FILE)
     elif damage == "too_many_labels":
         (folder / LABELS_FILE).write_text(json.dumps({"labels": [f"l{i}" for i in range(9)]}))
     elif damage == "missing_key":
