@@ -36,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_ingester(args: argparse.Namespace, settings: Settings) -> int:
     """Build the ingester from settings and run it until a stop signal."""
     from feedback.http import serve_feedback
-    from feedback.ingester import build_ingester
+    from feedback.ingester import NotDurable, build_ingester
 
     metrics = Metrics()
     metrics.build.info({"version": __version__, "role": "ingester"})
@@ -44,14 +44,18 @@ def run_ingester(args: argparse.Namespace, settings: Settings) -> int:
     stop_on_signals(stop, logger, "committing and stopping")
     ingester = build_ingester(settings, metrics=metrics)
     closers = []
-    if settings.metrics_port:
-        closers.append(serve_http(metrics.registry, settings.metrics_port, ready=ingester.ready).shutdown)
-    if settings.feedback_http_port:
-        closers.append(serve_feedback(settings).close)
-    logger.info("ingester up: group %s, topic %s, dead letters to %s", settings.ingester_group,
-                settings.feedback_topic, settings.dead_letter_topic)
     try:
+        if settings.metrics_port:
+            closers.append(serve_http(metrics.registry, settings.metrics_port, ready=ingester.ready).shutdown)
+        if settings.feedback_http_port:
+            closers.append(serve_feedback(settings, metrics=metrics).close)
+        logger.info("ingester up: group %s, topic %s, dead letters to %s", settings.ingester_group,
+                    settings.feedback_topic, settings.dead_letter_topic)
         ingester.run(stop)
+    except (NotDurable, ValueError) as e:  # a refused configuration: say why, exit non-zero
+        logger.error("ingester refused to start: %s", e)
+        print(f"loraloop feedback run: {e}", file=sys.stderr)
+        return 2
     finally:
         for close in closers:
             close()

@@ -14,17 +14,39 @@ Early feedback (its request not logged yet) waits in process and is joined again
 polls; it holds its partition's commit back for at most ``feedback_grace_s``. When the
 request log or the buffer is down (``BufferError``) nothing more is polled or committed:
 the ingester backs off and retries the held events, and never crashes.
+
+Durability: an offset is committed only after the buffer confirmed the append durable
+(:meth:`~loraloop.buffer.FeedbackBuffer.durability`: WAITAOF, fsync-always, or WAIT on a
+replica). Without persistence the ingester refuses to start (``buffer_require_durable``),
+or, when allowed, warns, exports ``buffer_durable 0`` and counts what a restart lost
+(``buffer_lost``). Feedback whose request is missing after the request log was seen down
+or restarted waits up to ``feedback_store_retry_s`` and is then dead-lettered as
+``request_log_unavailable`` (replayable), not ``unknown_request``.
+
+Every per-record step (decode, join, append, dead letter) runs inside a per-record error
+boundary: a record that raises anything becomes one dead letter (``ingest_error`` when it
+is not a refusal with its own reason) and its offset is committed; a failing batch call is
+retried one record at a time so that only the offending record is refused.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 import time
 from dataclasses import dataclass
 
 from feedback.join import Rejection, Retry, join, judgement, paired_judgement, parse_allowed
-from loraloop.buffer import BufferError, FeedbackBuffer, RequestLog, make_feedback_buffer, make_request_log
+from loraloop.buffer import (
+    BufferError,
+    Durability,
+    FeedbackBuffer,
+    RequestLog,
+    make_feedback_buffer,
+    make_request_log,
+    request_log_ttl,
+)
 from loraloop.metrics import Metrics
 from loraloop.runtime import CachedProbe, RateLimitedLog, close_quietly
 from loraloop.schemas import (
@@ -55,6 +77,11 @@ BACKOFF_S = (0.1, 2.0)  # first and longest wait after the request log or buffer
 DELIVERY_TIMEOUT_S = 30.0
 DEPTH_EVERY_S = 5.0
 PING_CACHE_S = 2.0
+OUTAGE_MERGE_S = 5.0  # request log failures closer than this form one outage
+
+
+class NotDurable(RuntimeError):
+    """The buffer would lose acknowledged appends in a restart and ``buffer_require_durable`` is on."""
 
 
 @dataclass
@@ -98,6 +125,16 @@ class FeedbackIngester:
         self._closing = threading.Event()
         self._store_errors = RateLimitedLog(logger)
         self._transport_errors = RateLimitedLog(logger)
+        self._record_errors = RateLimitedLog(logger)
+        self._durability: Durability | None = None
+        self._instance: str | None = None  # the buffer store's id: a change is a restart
+        self._last_depth = 0
+        self._unsampled = 0  # appended since the last depth sample (a restart may lose them too)
+        self._appended = False  # appended since the last depth sample
+        self._started = self.clock()
+        self._log_started: float | None = None
+        self._outages: list[list[float]] = []  # [first, last] unix times the request log was seen failing
+        self._failed_lookups: dict[str, Exception] = {}
 
     # --- status ------------------------------------------------------------------------
     def ready(self) -> bool:
@@ -105,6 +142,30 @@ class FeedbackIngester:
         if not self._store_ok:
             return False
         return self._broker_probe()
+
+    def check_durability(self) -> Durability:
+        """Ask the buffer how appends survive a restart; refuse (NotDurable) or warn when they do not.
+
+        Raises:
+            NotDurable: no persistence and ``buffer_require_durable`` is on.
+            BufferError: the buffer's store is down (checked again before the next append).
+        """
+        durability = self.buffer.durability()
+        first = self._durability is None or self._durability.mode != durability.mode
+        self._durability = durability
+        self.metrics.buffer_durable.set(int(durability.durable))
+        if not durability.durable:
+            if self.settings.buffer_require_durable:
+                raise NotDurable(f"the feedback buffer is not durable: {durability.detail}. Committed feedback "
+                                 "would be lost in a restart; enable appendonly (or a replica), or set "
+                                 "buffer_require_durable=false to accept and count the loss")
+            if first:
+                logger.error("FEEDBACK BUFFER NOT DURABLE: %s. Offsets are committed after appends that a "
+                             "restart loses; losses are counted in loraloop_buffer_lost_total "
+                             "(buffer_require_durable=false)", durability.detail)
+        elif first:
+            logger.info("feedback buffer durability: %s (%s)", durability.mode, durability.detail)
+        return durability
 
     @property
     def held(self) -> int:
@@ -116,10 +177,16 @@ class FeedbackIngester:
         """Ingest until ``stop`` is set, then commit what is resolved and close."""
         self._stop = stop
         try:
+            try:
+                self.check_durability()
+            except BufferError as e:  # checked again before the first append
+                logger.warning("feedback buffer unreachable at start, its durability is checked later: %s", e)
             while not stop.is_set():
                 try:
                     self.poll_once()
-                except Exception as e:  # a bug or a corrupt store entry must not end the loop
+                except NotDurable:
+                    raise
+                except Exception as e:  # a bug outside the per-record boundaries must not end the loop
                     self._transport_errors(logging.ERROR, "ingester loop failed (%r); reading again from the "
                                            "committed offsets", e)
                     self._reset()
@@ -170,9 +237,12 @@ class FeedbackIngester:
             try:
                 fresh.append(_Held(record, decode_feedback(record.value), now))
             except InvalidMessage as e:
-                self._dead_letter(DeadLetter.of(record.value, e, record.topic, record.partition, record.offset),
+                self._dead_letter(self._letter(record.value, e, record), "invalid", record)
+            except Exception as e:  # a decoder bug: this record is refused, the partition goes on
+                self._dead_letter(self._letter(record.value, self._failure("decode", e, record), record),
                                   "invalid", record)
         self._held += self._settle_all(fresh)
+        self.metrics.feedback_held.set(len(self._held))
         self._acknowledge_letters()
         self._commit()
 
@@ -195,48 +265,168 @@ class FeedbackIngester:
 
     # --- one event -----------------------------------------------------------------------
     def _settle_all(self, items: list[_Held]) -> list[_Held]:
-        """Try each event once; return those to hold: the early ones and, once the store fails, the rest."""
+        """Try each event once; return those to hold: the early ones and, once the store fails, the rest.
+
+        One round trip reads the request log and one appends, not four per event; where a batch
+        call raises something other than the store being down, it is redone one event at a time
+        so that only the event that raises is dead-lettered (``ingest_error``).
+        """
         if not items:
             return []
+        try:
+            served = self._lookup(items)
+        except BufferError as e:
+            self._store_failed(e, request_log=True)
+            return list(items)
         keep: list[_Held] = []
         joined: list[tuple[_Held, Example, ServedRequest]] = []
-        try:  # one round trip to read the request log, one to append: not four per event
-            served = self.request_log.get_many([item.event.request_id for item in items])
-        except BufferError as e:
-            self._store_failed(e)
-            return list(items)
         for item in items:
-            result = self._join(item, served.get(item.event.request_id))
+            if item.event.request_id not in served and item.event.request_id in self._failed_lookups:
+                self._refuse(item, "request log lookup", self._failed_lookups[item.event.request_id])
+                continue
+            try:
+                result = self._join(item, served.get(item.event.request_id))
+            except Exception as e:  # noqa: BLE001 - the per-record boundary
+                self._refuse(item, "join", e)
+                continue
             if isinstance(result, Retry):
                 keep.append(item)
             elif isinstance(result, Example):
                 joined.append((item, result, served[item.event.request_id]))
         try:
-            statuses = self.buffer.append_many([example for _, example, _ in joined])
+            if joined:
+                self._ensure_durability()
+            statuses = self._append([example for _, example, _ in joined])
         except BufferError as e:  # rejected events are already dead-lettered: hold the rest
             self._store_failed(e)
             return keep + [item for item, _, _ in joined]
+        held_back = []
         for (item, example, request), status in zip(joined, statuses, strict=True):
-            self._after_append(item, example, request, status)
+            if isinstance(status, BufferError):
+                held_back.append(item)
+            elif isinstance(status, Exception):
+                self._refuse(item, "buffer append", status)
+            else:
+                try:
+                    self._after_append(item, example, request, status)
+                except Exception as e:  # noqa: BLE001 - appended: resolve it, only its accounting failed
+                    self._record_errors(logging.ERROR, "event %r appended but not counted: %r",
+                                        item.event.event_id, e)
+                    self._resolve(item.record)
+        if held_back:
+            self._store_failed(next(s for s in statuses if isinstance(s, BufferError)))
+            return keep + held_back
         if not self._store_ok:
             logger.info("request log and feedback buffer answer again")
         self._down_until, self._backoff, self._store_ok = 0.0, 0.0, True
+        if self._outages and self._outages[-1][1] == float("inf"):
+            self._outages[-1][1] = self.clock()
         return keep
+
+    def _lookup(self, items: list[_Held]) -> dict[str, ServedRequest]:
+        """The served requests of ``items``; ids whose own lookup raised go to ``_failed_lookups``.
+
+        Raises:
+            BufferError: the request log is down.
+        """
+        self._failed_lookups: dict[str, Exception] = {}
+        ids = [item.event.request_id for item in items]
+        try:
+            return self.request_log.get_many(ids)
+        except BufferError:
+            raise
+        except Exception as e:  # noqa: BLE001 - one id the store cannot take (or a corrupt entry): find it
+            self._record_errors(logging.WARNING, "request log batch read failed (%r); reading one at a time", e)
+        served: dict[str, ServedRequest] = {}
+        for request_id in dict.fromkeys(ids):
+            try:
+                found = self.request_log.get(request_id)
+            except BufferError:
+                raise
+            except Exception as e:  # noqa: BLE001 - the per-record boundary
+                self._failed_lookups[request_id] = e
+                continue
+            if found is not None:
+                served[request_id] = found
+        return served
+
+    def _append(self, examples: list[Example]) -> list[str | Exception]:
+        """``buffer.append_many``; where it raises (not the store being down), one append per example.
+
+        Returns a status per example, or the exception its own append raised (a BufferError for the
+        examples not tried once the store failed).
+
+        Raises:
+            BufferError: the store is down (the batch call failed).
+        """
+        if not examples:
+            return []
+        try:
+            return list(self.buffer.append_many(examples))
+        except BufferError:
+            raise
+        except Exception as e:  # noqa: BLE001 - one example the store cannot take: find it
+            self._record_errors(logging.WARNING, "buffer batch append failed (%r); appending one at a time", e)
+        out: list[str | Exception] = []
+        for example in examples:
+            if out and isinstance(out[-1], BufferError):
+                out.append(out[-1])
+                continue
+            try:
+                out.append(self.buffer.append(example))
+            except Exception as e:  # noqa: BLE001 - the per-record boundary (BufferError: hold the rest)
+                out.append(e)
+        return out
+
+    def _ensure_durability(self) -> None:
+        if self._durability is None:
+            self.check_durability()
 
     def _join(self, item: _Held, served: ServedRequest | None) -> Example | Retry | str:
         """The example to buffer, Retry, or the outcome of dead-lettering a rejected event."""
         result = join(item.event, served, self.allowed, self.clock(), self.settings.feedback_grace_s,
-                      item.first_seen)
+                      item.first_seen, self.settings.feedback_store_retry_s,
+                      self._outage_of(item.event) if served is None else None)
         return self._reject(item, result) if isinstance(result, Rejection) else result
+
+    def _outage_of(self, event: FeedbackEvent) -> str | None:
+        """What the request log went through that may have lost ``event``'s request, or None.
+
+        Evidence: failures this ingester saw reading it, and a restart of the store while this
+        ingester ran, after the request could have been logged (within its TTL before the event).
+        """
+        since = event.ts - request_log_ttl(self.settings)
+        for first, last in reversed(self._outages):
+            if last >= since:
+                end = "now" if last == float("inf") else f"{last:.0f}"
+                return f"was unreachable (unix time {first:.0f} to {end})"
+        try:
+            started = self.request_log.started_at()
+        except Exception as e:  # noqa: BLE001 - unknown is not evidence; the read itself just worked
+            logger.debug("request log start time unavailable: %s", e)
+            return None
+        if started is not None and started > max(self._started + 1.0, since):  # uptime has 1 s steps
+            if self._log_started != started:
+                self._log_started = started
+                logger.warning("the request log restarted at unix time %.0f, while this ingester ran: feedback "
+                               "on requests it lost is retried for %.0f s", started,
+                               self.settings.feedback_store_retry_s)
+            return f"restarted at unix time {started:.0f}"
+        return None
 
     def _settle_one(self, item: _Held) -> str:
         """Join and buffer one event; returns 'joined', 'duplicate', 'dead_letter' or 'retry'."""
-        served = self.request_log.get(item.event.request_id)
+        try:
+            served = self.request_log.get(item.event.request_id)
+        except BufferError as e:
+            self._store_failed(e, request_log=True)
+            raise
         result = self._join(item, served)
         if isinstance(result, Retry):
             return "retry"
         if not isinstance(result, Example):
             return result
+        self._ensure_durability()
         return self._after_append(item, result, served, self.buffer.append(result))
 
     def _after_append(self, item: _Held, result: Example, served: ServedRequest, status: str) -> str:
@@ -244,6 +434,8 @@ class FeedbackIngester:
         if status == "full":
             return self._reject(item, Rejection("buffer_full", f"buffer holds {self.settings.buffer_max} "
                                                 "unacknowledged examples (buffer_trim=reject)"))
+        self._appended = True
+        self._unsampled += status == "appended"
         outcome = "joined" if status == "appended" else "duplicate"
         self.metrics.feedback_events.labels(kind=event.kind, outcome=outcome).inc()
         if status == "appended":
@@ -262,10 +454,48 @@ class FeedbackIngester:
                    (False, False): "both_wrong"}[pair]
         self.metrics.paired_judged.labels(adapter_version=example.adapter_version, outcome=outcome).inc()
 
+    def _refuse(self, item: _Held, step: str, error: Exception) -> None:
+        """Dead-letter an event whose ``step`` raised: the per-record boundary."""
+        self._record_errors(logging.WARNING, "feedback event %r refused: %s raised %r", item.event.event_id,
+                            step, error)
+        self._reject(item, Rejection("ingest_error", f"{step} raised {type(error).__name__}: {error!r}"[:2000]))
+
+    def _failure(self, step: str, error: Exception, record: Record) -> InvalidMessage:
+        self._record_errors(logging.WARNING, "record %s[%d]@%d refused: %s raised %r", record.topic,
+                            record.partition, record.offset, step, error)
+        return InvalidMessage("ingest_error", f"{step} raised {type(error).__name__}: {error!r}"[:2000])
+
+    def _letter(self, raw: bytes, error: InvalidMessage, record: Record | None) -> DeadLetter:
+        """The dead letter of ``raw`` (redacted when ``redact_dead_letters`` is on); never raises."""
+        topic, partition, offset = (record.topic, record.partition, record.offset) if record else ("direct", -1, -1)
+        redact = bool(getattr(self.settings, "redact_dead_letters", False))
+        try:
+            if redact and "redact" in inspect.signature(DeadLetter.of).parameters:
+                key = getattr(self.settings, "redaction_key", None)
+                key = key.get_secret_value() if hasattr(key, "get_secret_value") else (key or b"")
+                letter = DeadLetter.of(raw, error, topic, partition, offset, redact=True, key=key)
+                letter.to_bytes()
+                return letter
+            letter = DeadLetter.of(raw, error, topic, partition, offset)
+            if redact:  # the schema cannot redact yet: keep no user text at all
+                letter = letter.model_copy(update={"payload": ""})
+            letter.to_bytes()  # it must serialize: a lone surrogate would raise only when sent
+            return letter
+        except Exception as e:  # noqa: BLE001 - a dead letter must always be sent
+            text = "" if redact else raw[:4096].decode("utf-8", "backslashreplace")
+            detail = error.detail.encode("utf-8", "backslashreplace").decode()
+            logger.debug("dead letter fell back to an escaped payload: %r", e)
+            return DeadLetter(payload=text, reason=error.reason, detail=detail, source_topic=topic,
+                              partition=partition, offset=offset)
+
     def _reject(self, item: _Held, rejection: Rejection) -> str:
         record, error = item.record, InvalidMessage(rejection.reason, rejection.detail)
         if record is None:  # ingest(): no offsets, wait for the acknowledgement here
-            letter = DeadLetter.of(item.event.to_bytes(), error, "direct", -1, -1)
+            try:
+                raw = item.event.to_bytes()
+            except Exception:  # noqa: BLE001 - an event that cannot be serialized: keep what can be
+                raw = repr(item.event).encode("utf-8", "backslashreplace")
+            letter = self._letter(raw, error, None)
             with self._lock:
                 producer = self._client_producer()
                 future = producer.send(self.settings.dead_letter_topic, letter.to_bytes())
@@ -273,8 +503,7 @@ class FeedbackIngester:
             future.get(timeout=DELIVERY_TIMEOUT_S)
             self._count_letter(item.event.kind, letter.reason)
         else:
-            self._dead_letter(DeadLetter.of(record.value, error, record.topic, record.partition, record.offset),
-                              item.event.kind, record)
+            self._dead_letter(self._letter(record.value, error, record), item.event.kind, record)
         return "dead_letter"
 
     def _dead_letter(self, letter: DeadLetter, kind: str, record: Record) -> None:
@@ -351,7 +580,14 @@ class FeedbackIngester:
             self._producer = self.transport.producer()
         return self._producer
 
-    def _store_failed(self, error: Exception) -> None:
+    def _store_failed(self, error: Exception, request_log: bool = False) -> None:
+        if request_log:  # evidence that entries written meanwhile may be missing (see _outage_of)
+            now = self.clock()
+            if self._outages and self._outages[-1][1] >= now - OUTAGE_MERGE_S:
+                self._outages[-1][1] = float("inf")
+            else:
+                self._outages.append([now, float("inf")])
+            self._outages = self._outages[-100:]
         self._backoff = min(BACKOFF_S[1], max(BACKOFF_S[0], self._backoff * 2))
         self._down_until, self._store_ok = time.monotonic() + self._backoff, False
         self._store_errors(logging.ERROR, "request log or feedback buffer unavailable (%s); nothing committed "
@@ -361,13 +597,36 @@ class FeedbackIngester:
         (self._stop or self._closing).wait(max(0.0, seconds))
 
     def _update_depth(self, force: bool) -> None:
+        """Export depth and drops; notice a restart of the buffer's store (and count its loss when not durable)."""
+        force, self._appended = force or self._appended, False
         if not force and time.monotonic() - self._depth_at < DEPTH_EVERY_S:
             return
         self._depth_at = time.monotonic()
         try:
-            self.metrics.buffer_depth.set(self.buffer.depth())
+            instance = self.buffer.instance_id()
+            depth = self.buffer.depth()
+            dropped = self.buffer.take_dropped()
         except BufferError as e:
             logger.debug("buffer depth unavailable: %s", e)
+            return
+        self.metrics.buffer_depth.set(depth)
+        for reason, n in dropped.items():
+            self.metrics.buffer_dropped.labels(reason=reason).inc(n)
+            if reason == "drop_oldest":
+                logger.warning("buffer full: %d oldest examples dropped (buffer_trim=drop_oldest)", n)
+        if self._instance is not None and instance != self._instance:
+            durable = self._durability is not None and self._durability.durable
+            if durable:
+                logger.warning("the feedback buffer's store restarted (id %s -> %s); it is durable (%s)",
+                               self._instance, instance, self._durability.mode)
+            else:  # what the old store held: its last depth, plus appends since, less those already in the new one
+                lost = max(0, self._last_depth + self._unsampled - depth)
+                self.metrics.buffer_lost.inc(lost)
+                logger.error("the feedback buffer's store restarted without persistence (id %s -> %s): up to %d "
+                             "buffered examples lost, counted in loraloop_buffer_lost_total", self._instance,
+                             instance, lost)
+            self._durability = None  # its persistence may have changed: ask again before the next append
+        self._instance, self._last_depth, self._unsampled = instance, depth, 0
 
     def _reset(self) -> None:
         """Drop the clients and every unresolved event: they are read again from the committed offsets."""

@@ -12,6 +12,10 @@ Example:
     Retry(request_id='r1', until=11.0)
     >>> join(up, None, None, now=20.0, grace_s=10.0).reason
     'unknown_request'
+    >>> join(up, None, None, now=20.0, grace_s=10.0, store_retry_s=60.0, store_outage="was down")
+    Retry(request_id='r1', until=61.0)
+    >>> join(up, None, None, now=70.0, grace_s=10.0, store_retry_s=60.0, store_outage="was down").reason
+    'request_log_unavailable'
 """
 
 from __future__ import annotations
@@ -72,7 +76,8 @@ def label_problem(label: str, allowed: frozenset[str] | None) -> str | None:
 
 
 def join(event: FeedbackEvent, served: ServedRequest | None, allowed: frozenset[str] | None, now: float,
-         grace_s: float, first_seen: float | None = None) -> Example | Rejection | Retry:
+         grace_s: float, first_seen: float | None = None, store_retry_s: float = 0.0,
+         store_outage: str | None = None) -> Example | Rejection | Retry:
     """Decide what one feedback event becomes.
 
     Args:
@@ -84,6 +89,12 @@ def join(event: FeedbackEvent, served: ServedRequest | None, allowed: frozenset[
         grace_s: how long an event whose request is unknown is retried (early feedback).
         first_seen: unix time the ingester first saw the event; the grace runs from the earlier of it
             and ``event.ts``, so a producer clock running ahead cannot stretch the wait.
+        store_retry_s: how long (from first sight) an event whose request is missing is retried when
+            the request log may have lost the entry (``store_outage`` is set).
+        store_outage: what the request log went through that may have lost the entry (it was down,
+            or restarted), or None. Such an event is retried for ``store_retry_s`` and then refused
+            as ``request_log_unavailable`` (replayable once the request is logged), not as
+            ``unknown_request``.
 
     Returns:
         The :class:`Example` to buffer, a :class:`Rejection` to dead-letter, or :class:`Retry`.
@@ -96,6 +107,14 @@ def join(event: FeedbackEvent, served: ServedRequest | None, allowed: frozenset[
         start = event.ts if first_seen is None else min(event.ts, first_seen)
         if now - start < grace_s:
             return Retry(event.request_id, start + grace_s)
+        if store_outage is not None:
+            seen = start if first_seen is None else first_seen
+            if now - seen < store_retry_s:
+                return Retry(event.request_id, seen + store_retry_s)
+            return Rejection("request_log_unavailable", f"request {event.request_id!r} is not in the request log "
+                             f"{now - seen:.1f} s after the feedback was first seen, and the request log "
+                             f"{store_outage}: the entry may have been lost; replay this dead letter once the "
+                             "request is logged")
         return Rejection("unknown_request", f"request {event.request_id!r} is not in the request log "
                          f"(unknown or expired) {now - start:.1f} s after the feedback")
     label, negative = {"label": (event.label, None), "thumbs_up": (served.label, None),

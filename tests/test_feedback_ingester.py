@@ -499,3 +499,194 @@ def test_paired_judgement(kind: str, label: str | None, served: str, shadow: str
                             shadow_version="v1" if shadow else None, shadow_label=shadow)
     event = FeedbackEvent(event_id="e", request_id="r", kind=kind, label=label, ts=0.0)
     assert paired_judgement(join(event, request, None, 0.0, 10.0), request) == pair
+
+
+# --- store faults, durability, per-record boundaries ------------------------------------------------
+def test_missing_request_after_a_request_log_outage_waits_then_is_replayable(make_stack) -> None:
+    stack = make_stack(feedback_store_retry_s=0.6)
+    stack.log.down = True
+    stack.send(_event("thumbs_up", request_id="lost-while-down", ts=time.time()))
+    with stack.ingester() as ingester:
+        for _ in range(3):
+            ingester.poll_once(timeout_ms=20)
+        assert ingester.held == 1 and stack.dead_letters() == []
+        stack.log.down = False
+        time.sleep(0.3)  # the 2 s backoff is not waited for here: poll until the log answers again
+        deadline = time.monotonic() + 3
+        while ingester.held and stack.dead_letters() == [] and time.monotonic() < deadline:
+            ingester.poll_once(timeout_ms=20)
+            if ingester.held:
+                assert stack.dead_letters() == []  # grace 0, yet not dead-lettered as unknown
+        poll_until(ingester, lambda: stack.committed() == stack.ends())
+    [letter] = stack.dead_letters()
+    assert letter.reason == "request_log_unavailable" and "'lost-while-down'" in letter.detail
+    assert "unreachable" in letter.detail and "replay this dead letter" in letter.detail
+    assert FeedbackEvent.model_validate_json(letter.payload).request_id == "lost-while-down"  # replayable
+    assert stack.count("dead_letters", source="feedback", reason="request_log_unavailable") == 1
+
+
+def test_request_logged_again_within_the_retry_is_joined(make_stack) -> None:
+    stack = make_stack(feedback_store_retry_s=30.0)
+    stack.log.down = True
+    stack.send(_event("label", "billing", request_id="relogged", ts=time.time()))
+    with stack.ingester() as ingester:
+        ingester.poll_once(timeout_ms=20)
+        stack.log.down = False
+        time.sleep(0.2)
+        for _ in range(20):
+            ingester.poll_once(timeout_ms=20)
+        assert ingester.held == 1 and stack.dead_letters() == []
+        stack.serve("relogged")
+        poll_until(ingester, lambda: stack.committed() == stack.ends(), timeout=5)
+    assert [e.request_id for e in stack.examples()] == ["relogged"] and stack.dead_letters() == []
+
+
+class RestartingLog(FlakyLog):
+    started = None
+
+    def started_at(self) -> float | None:
+        return self.started
+
+
+def test_a_request_log_restart_while_running_is_evidence_too(make_stack) -> None:
+    stack = make_stack(feedback_store_retry_s=0.3)
+    stack.log = RestartingLog(3600)
+    stack.log.started = time.time() - 1000  # up long before the ingester: no evidence
+    stack.send(_event("thumbs_up", request_id="never-served", ts=time.time()))
+    with stack.ingester() as ingester:
+        poll_until(ingester, lambda: stack.committed() == stack.ends())
+        assert [d.reason for d in stack.dead_letters()] == ["unknown_request"]
+        stack.log.started = time.time() + 2  # it restarted while the ingester ran
+        stack.send(_event("thumbs_up", request_id="lost-in-restart", ts=time.time()))
+        ingester.poll_once(timeout_ms=20)
+        assert ingester.held == 1
+        poll_until(ingester, lambda: stack.committed() == stack.ends())
+    assert [d.reason for d in stack.dead_letters()] == ["unknown_request", "request_log_unavailable"]
+    assert "restarted at unix time" in stack.dead_letters()[1].detail
+
+
+class PoisonLog(FlakyLog):
+    def get_many(self, request_ids: list[str]) -> dict[str, ServedRequest]:
+        if "poison-log" in request_ids:
+            raise ValueError("cannot encode key")
+        return super().get_many(request_ids)
+
+    def get(self, request_id: str) -> ServedRequest | None:
+        if request_id == "poison-log":
+            raise ValueError(f"cannot encode key {request_id!r}")
+        return super().get(request_id)
+
+
+class PoisonBuffer(FlakyBuffer):
+    def append_many(self, examples: list[Example]) -> list[str]:
+        if any(e.request_id == "poison-buffer" for e in examples):
+            raise TypeError("cannot serialize")
+        return super().append_many(examples)
+
+    def append(self, example: Example) -> str:
+        if example.request_id == "poison-buffer":
+            raise TypeError(f"cannot serialize {example.event_id!r}")
+        return super().append(example)
+
+
+def test_a_step_that_raises_dead_letters_only_its_event(stack: Stack) -> None:
+    stack.log = PoisonLog(3600)
+    stack.buffer = PoisonBuffer(max_items=100, trim="reject", replay_per_label=0, claim_idle_s=60, dedup_ttl_s=60)
+    stack.serve("r1", "r2", "poison-buffer")
+    for request_id in ("r1", "poison-log", "r2", "poison-buffer"):
+        stack.send(_event("thumbs_up", request_id=request_id), key="same")
+    with stack.ingester() as ingester:
+        poll_until(ingester, lambda: stack.committed() == stack.ends())
+    letters = stack.dead_letters()
+    assert sorted((d.reason, FeedbackEvent.model_validate_json(d.payload).request_id) for d in letters) == [
+        ("ingest_error", "poison-buffer"), ("ingest_error", "poison-log")]
+    assert any("TypeError" in d.detail for d in letters) and any("ValueError" in d.detail for d in letters)
+    assert sorted(e.request_id for e in stack.examples()) == ["r1", "r2"]
+
+
+def test_a_decoder_that_raises_anything_is_one_dead_letter(stack: Stack, monkeypatch) -> None:
+    import feedback.ingester as module
+
+    real = module.decode_feedback
+
+    def decode(raw):
+        if b"boom" in raw:
+            raise RecursionError("maximum recursion depth exceeded")
+        return real(raw)
+
+    monkeypatch.setattr(module, "decode_feedback", decode)
+    stack.serve("r1")
+    stack.send(b'{"boom": 1}')
+    stack.send(_event("thumbs_up"))
+    with stack.ingester() as ingester:
+        poll_until(ingester, lambda: stack.committed() == stack.ends())
+    [letter] = stack.dead_letters()
+    assert letter.reason == "ingest_error" and "RecursionError" in letter.detail
+    assert len(stack.examples()) == 1
+
+
+def test_redacted_dead_letters_keep_no_payload(make_stack) -> None:
+    stack = make_stack(redact_dead_letters=True, redaction_key="k")
+    stack.send(b"{secret user text")
+    with stack.ingester() as ingester:
+        poll_until(ingester, lambda: stack.committed() == stack.ends())
+    [letter] = stack.dead_letters()
+    assert letter.reason == "malformed_json" and letter.payload == "" and "secret" not in letter.model_dump_json()
+
+
+class NonDurableBuffer(FlakyBuffer):
+    instance = "a"
+
+    def durability(self):
+        from loraloop.buffer import Durability
+
+        return Durability("none", False, "test redis without persistence")
+
+    def instance_id(self) -> str | None:
+        return self.instance
+
+
+def test_a_non_durable_buffer_is_refused_by_default(stack: Stack) -> None:
+    from feedback.ingester import NotDurable
+
+    stack.buffer = NonDurableBuffer(max_items=100, trim="reject", replay_per_label=0, claim_idle_s=60, dedup_ttl_s=60)
+    stack.serve("r1")
+    stack.send(_event("thumbs_up"))
+    with pytest.raises(NotDurable, match="test redis without persistence"):
+        stack.ingester().run(threading.Event())
+    with stack.ingester() as ingester, pytest.raises(NotDurable, match="buffer_require_durable=false"):
+        poll_until(ingester, lambda: False)
+    assert stack.buffer.depth() == 0 and sum(stack.committed().values()) == 0
+
+
+def test_a_non_durable_buffer_when_allowed_warns_and_counts_what_a_restart_lost(make_stack, caplog) -> None:
+    stack = make_stack(buffer_require_durable=False)
+    stack.buffer = NonDurableBuffer(max_items=100, trim="reject", replay_per_label=0, claim_idle_s=60, dedup_ttl_s=60)
+    stack.serve("r1")
+    for _ in range(3):
+        stack.send(_event("thumbs_up"))
+    with stack.ingester() as ingester:
+        poll_until(ingester, lambda: stack.committed() == stack.ends())
+        assert stack.metrics.registry.get_sample_value("loraloop_buffer_durable") == 0
+        assert "FEEDBACK BUFFER NOT DURABLE" in caplog.text
+        stack.buffer.claim("gone", 100)  # what a restart without persistence does: the entries vanish
+        stack.buffer._claims.clear()
+        stack.buffer.instance = "b"
+        stack.send(_event("thumbs_up"))
+        poll_until(ingester, lambda: stack.committed() == stack.ends())
+    assert stack.count("buffer_lost") == 3 and "up to 3 buffered examples lost" in caplog.text
+
+
+def test_drop_oldest_is_counted(stack: Stack) -> None:
+    stack.buffer = FlakyBuffer(max_items=2, trim="drop_oldest", replay_per_label=0, claim_idle_s=60, dedup_ttl_s=60)
+    stack.serve("r1")
+    for _ in range(5):
+        stack.send(_event("thumbs_up"))
+    with stack.ingester() as ingester:
+        poll_until(ingester, lambda: stack.committed() == stack.ends())
+    assert stack.count("buffer_dropped", reason="drop_oldest") == 3 and stack.buffer.depth() == 2
+
+
+def test_cli_run_refuses_an_open_endpoint_beyond_loopback(capsys) -> None:
+    rc = main(["feedback", "run", "--feedback-http-port", str(free_port()), "--feedback-http-host", "0.0.0.0"])
+    assert rc == 2 and "beyond loopback, without a token" in capsys.readouterr().err

@@ -16,6 +16,24 @@ class BufferError(RuntimeError):  # noqa: A001 - a loraloop error, not the built
     """The backing store could not be reached."""
 
 
+@dataclass(frozen=True)
+class Durability:
+    """How an acknowledged append survives a restart of the store.
+
+    ``durable`` is True when an append the buffer acknowledged survives the store's
+    process being killed; ``mode`` says how it is confirmed (``memory``: in process, lost
+    only with the offsets that live in the same process; ``waitaof``: Redis >= 7.2
+    confirms each append is fsynced; ``aof_always``: every write is fsynced before its
+    reply; ``aof_everysec``: written to the append-only file before the reply, fsynced
+    within a second; ``replica``: WAIT confirms a replica has it; ``none``: lost in a
+    restart).
+    """
+
+    mode: str
+    durable: bool
+    detail: str = ""
+
+
 class RequestLog(abc.ABC):
     """Served requests by id, kept ``ttl_s`` seconds, for feedback to join against."""
 
@@ -26,6 +44,14 @@ class RequestLog(abc.ABC):
     @abc.abstractmethod
     def get(self, request_id: str) -> ServedRequest | None:
         """The served request, or None when unknown or expired."""
+
+    def started_at(self) -> float | None:
+        """Unix time the backing store last started (None: unknown, or it lives in this process).
+
+        Entries written before a restart of a store without persistence, or while it was down,
+        are missing: feedback on them is retried longer (see ``feedback_store_retry_s``).
+        """
+        return None
 
     def get_many(self, request_ids: list[str]) -> dict[str, ServedRequest]:
         """The known ones among ``request_ids`` (backends override this with one round trip)."""
@@ -87,3 +113,20 @@ class FeedbackBuffer(abc.ABC):
     @abc.abstractmethod
     def replay_sample(self, n: int, seed: int) -> list[Example]:
         """A per-label balanced sample of past (acknowledged) examples."""
+
+    def take_dropped(self) -> dict[str, int]:
+        """Examples dropped since the last call, by reason, and reset the tally.
+
+        Reasons: ``drop_oldest`` (``buffer_trim=drop_oldest`` made room), ``retention``
+        (unacknowledged entries older than ``request_text_retention_s``), ``replay_retention``
+        (replay reservoir entries older than it).
+        """
+        return {}
+
+    def durability(self) -> Durability:
+        """How appends survive a restart of the store (raises BufferError when the store is down)."""
+        return Durability("memory", True, "in process: lost only together with the offsets of the same process")
+
+    def instance_id(self) -> str | None:
+        """An id that changes when the store restarts (None: it lives in this process)."""
+        return None

@@ -21,26 +21,44 @@ from loraloop.schemas import Example
 
 
 class ReplayReservoir:
-    """Reservoir sampling (Algorithm R) per label; thumbs-down examples (no label) are not kept."""
+    """Reservoir sampling (Algorithm R) per label; thumbs-down examples (no label) are not kept.
+
+    Each kept example remembers when it was stored, so that :meth:`expire` can drop user
+    text older than the retention (``request_text_retention_s``).
+    """
 
     def __init__(self, per_label: int, rng: random.Random) -> None:
         self.per_label = per_label
         self.rng = rng
         self.by_label: dict[str, list[Example]] = {}
+        self.stored_at: dict[str, list[float]] = {}
         self.seen: dict[str, int] = {}
 
-    def offer(self, example: Example) -> None:
+    def offer(self, example: Example, now: float = 0.0) -> None:
         if example.label is None or self.per_label <= 0:
             return
         label = example.label
         kept = self.by_label.setdefault(label, [])
+        times = self.stored_at.setdefault(label, [])
         self.seen[label] = self.seen.get(label, 0) + 1
         if len(kept) < self.per_label:
             kept.append(example)
+            times.append(now)
         else:
             j = self.rng.randrange(self.seen[label])
             if j < self.per_label:
-                kept[j] = example
+                kept[j], times[j] = example, now
+
+    def expire(self, before: float) -> int:
+        """Drop examples stored before ``before`` (unix time); return how many."""
+        dropped = 0
+        for label, kept in self.by_label.items():
+            times = self.stored_at[label]
+            keep = [i for i, t in enumerate(times) if t >= before]
+            dropped += len(kept) - len(keep)
+            self.by_label[label] = [kept[i] for i in keep]
+            self.stored_at[label] = [times[i] for i in keep]
+        return dropped
 
     def sample(self, n: int, seed: int) -> list[Example]:
         return balanced_sample(self.by_label, n, seed)

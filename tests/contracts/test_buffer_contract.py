@@ -15,14 +15,14 @@ def _example(i: int, label: str | None = "a", kind: str = "label") -> Example:
                    negative_label="b" if label is None else None, served_label="b", adapter_version="v1")
 
 
-def _make(backend: str, request, ttl_s: int = 60, **kw):
+def _make(backend: str, request, ttl_s: int = 60, redis_url: str | None = None, **kw):
     args = dict(max_items=100, trim="reject", replay_per_label=3, claim_idle_s=30.0, dedup_ttl_s=60)
     args.update(kw)
     if backend == "memory":
         return MemoryFeedbackBuffer(**args), MemoryRequestLog(ttl_s=ttl_s)
     from loraloop.buffer.redis import RedisFeedbackBuffer, RedisRequestLog, connect
 
-    client = connect(request.getfixturevalue("redis_url"))
+    client = connect(redis_url or request.getfixturevalue("redis_url"))
     return (RedisFeedbackBuffer(client, "test", **args),
             RedisRequestLog(client, "test", ttl_s))
 
@@ -63,6 +63,9 @@ def test_bounded_with_reject_and_drop_oldest(backend, request):
         assert dropping.append(_example(i)) == "appended"
     assert dropping.depth() == 3
     assert [e.event_id for e in dropping.claim("l", 10).examples] == ["e12", "e13", "e14"]
+    assert dropping.take_dropped() == {"drop_oldest": 2}  # counted, and the tally resets
+    assert dropping.take_dropped() == {}
+    assert buffer.take_dropped() == {}  # reject drops nothing
 
 
 def test_unacknowledged_claims_come_back(backend, request):
@@ -161,3 +164,85 @@ def test_batched_append_and_lookup_match_the_single_ones(backend, request):
                 for i in (1, 2)])
     assert sorted(log.get_many(["r1", "r2", "r9", "r1"])) == ["r1", "r2"]
     assert log.get_many([]) == {}
+
+
+def test_retention_drops_old_text_from_queue_claims_and_reservoir(backend, request):
+    buffer, _ = _make(backend, request, retention_s=1.0)
+    buffer.append(_example(0))
+    buffer.append(_example(1))
+    held = buffer.claim("learner-1", 1)  # claimed, never acknowledged: its text must expire too
+    assert [e.event_id for e in held.examples] == ["e0"]
+    buffer.remember([_example(5, "a")])
+    assert len(buffer.replay_sample(10, seed=0)) == 1
+    time.sleep(1.3)
+    assert buffer.append(_example(2)) == "appended"
+    assert buffer.depth() == 1 and buffer.pending() == 1
+    assert buffer.replay_sample(10, seed=0) == []
+    assert [e.event_id for e in buffer.claim("learner-2", 10).examples] == ["e2"]
+    assert buffer.take_dropped() == {"retention": 2, "replay_retention": 1}
+
+
+def test_retention_keeps_recent_entries(backend, request):
+    buffer, _ = _make(backend, request, retention_s=30.0)
+    for i in range(3):
+        buffer.append(_example(i))
+    buffer.acknowledge(buffer.claim("l", 1))
+    assert buffer.depth() == 2 and len(buffer.replay_sample(10, seed=0)) == 1
+    assert buffer.take_dropped() == {}
+
+
+def test_durability_is_reported(backend, request):
+    buffer, _ = _make(backend, request)
+    durability = buffer.durability()
+    assert durability.durable and durability.detail
+    assert durability.mode == ("memory" if backend == "memory" else "aof_always")  # the test server fsyncs always
+
+
+@pytest.mark.integration
+def test_durability_probe_without_aof_and_without_config(redis_url):
+    import redis
+
+    from loraloop.buffer.redis import connect, probe_durability
+
+    client = connect(redis_url)
+    client.config_set("appendonly", "no")
+    try:
+        durability = probe_durability(client)
+        assert (durability.mode, durability.durable) == ("none", False) and "appendonly no" in durability.detail
+    finally:
+        client.config_set("appendonly", "yes")
+
+    class NoConfig(redis.Redis):  # a managed Redis that renamed CONFIG away
+        def config_get(self, *args, **kwargs):
+            raise redis.ResponseError("unknown command 'CONFIG'")
+
+    fallback = probe_durability(NoConfig.from_url(redis_url))
+    assert fallback.mode == "aof_everysec" and "read by INFO" in fallback.detail
+
+
+@pytest.mark.integration
+def test_appends_wait_for_fsync_or_a_replica(redis_url, monkeypatch):
+    import loraloop.buffer.redis as module
+    from loraloop.buffer import BufferError, Durability
+
+    buffer, _ = _make("redis", None, redis_url=redis_url)
+    buffer._durability = Durability("replica", True)  # real WAIT: this server has no replica
+    monkeypatch.setattr(module, "WAIT_TIMEOUT_MS", 100)
+    with pytest.raises(BufferError, match="no replica confirmed the appends within 100 ms"):
+        buffer.append(_example(1))
+    assert buffer.append(_example(1)) == "duplicate"  # it is there, only not confirmed: a retry resolves it
+    sent = []
+    real = buffer.client.execute_command
+
+    def waitaof(*args, **kwargs):  # Redis 7.0 has no WAITAOF: answer as 7.2 does, fsynced locally or not
+        if args[0] == "WAITAOF":
+            sent.append(args)
+            return [len(sent) - 1, 0]
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(buffer.client, "execute_command", waitaof)
+    buffer._durability = Durability("waitaof", True)
+    with pytest.raises(BufferError, match="WAITAOF answered 0"):
+        buffer.append(_example(2))
+    assert buffer.append(_example(3)) == "appended" and sent == [("WAITAOF", 1, 0, 100)] * 2
+    assert buffer.append(_example(3)) == "duplicate" and len(sent) == 2  # nothing new appended: no wait
