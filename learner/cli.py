@@ -32,8 +32,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def register_retrain(subparsers: argparse._SubParsersAction) -> None:
     """Add ``loraloop retrain``."""
-    parser = command(subparsers, "retrain", _run_retrain, settings=["registry_url", "log_level"],
-                     help="Ask the running learner (any process sharing the registry) for a cycle now.")
+    parser = command(subparsers, "retrain", _run_retrain, settings=["registry_url", "api_token", "log_level"],
+                     help="Ask the running learner (any process sharing the registry) for a cycle now "
+                          "(signed with api_token, LORALOOP_API_TOKEN, which a learner that has one requires).")
     parser.add_argument("--wait", type=float, default=0.0, metavar="S",
                         help="Wait up to S seconds for the cycle's outcome and print it (default: do not wait).")
 
@@ -82,7 +83,11 @@ def _run_retrain(args: argparse.Namespace, settings: Settings) -> int:
 
     registry = make_registry(settings)
     seen = len(registry.cycles())
-    request_id = OpsTriggers(settings.registry_url).request("loraloop retrain")
+    token = settings.api_token.get_secret_value()
+    request_id = OpsTriggers(settings.registry_url, token=token).request("loraloop retrain")
+    if not token:
+        print("warning: api_token is not set, so the request is unsigned: a learner with api_token refuses it",
+              flush=True)
     print(f"retrain requested: {request_id}", flush=True)
     deadline = time.monotonic() + args.wait
     while time.monotonic() < deadline:

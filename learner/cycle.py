@@ -1,24 +1,30 @@
 """The learner: claim feedback, train a candidate, gate it, publish, acknowledge.
 
-One cycle, in order (the order is what makes it safe to kill at any point):
+One cycle, in order:
 
-1. **claim** up to ``cycle_max_feedback`` new examples from the buffer;
+1. **claim** up to ``cycle_max_feedback`` new examples from the buffer; examples an earlier
+   cycle already trained on (a learner killed after its intent was written, see
+   :mod:`learner.journal`) are acknowledged with that cycle's decision, not trained again;
 2. **screen** the claim: corrections the live version contests on one label far more than
    usual are set aside (:mod:`learner.screen`), then **build** the training set: resolved
    feedback + a replay sample, holdouts set aside (the reference requests' examples are never
    trained on: see :func:`learner.dataset.is_reference`);
 3. **train** a candidate starting from the active version (head fit, then LoRA);
 4. **evaluate** candidate and active on the golden set, the reference set, the holdout and
-   known labels;
-5. **publish** the candidate and **promote** it if the gate passes (a rejected candidate
+   known labels; the gate decides;
+5. write the cycle's **intent** (the decision, the record, the claim's event ids), then
+   **publish** the candidate and **promote** it if the gate passes (a rejected candidate
    is published too, marked rejected with the gate's reason, for the audit trail);
 6. **record** the outcome in the registry, and only then **acknowledge** the claim -- without
    remembering in the replay reservoir what the screen set aside, nor the whole claim when the
    gate found its feedback suspect (the candidate lost on the golden or reference set): a
    poisoned burst is not replayed later.
 
-A learner killed before step 6 leaves the registry's active pointer unchanged and its
-claim unacknowledged: the buffer hands the same examples out again after ``claim_idle_s``.
+A learner killed before step 5 leaves the registry unchanged and its claim unacknowledged:
+the buffer hands the same examples out again after ``claim_idle_s`` and they are trained then.
+A learner killed during steps 5-6 leaves an intent, which the next cycle (of this learner or
+of the one restarted in its place) completes: publish, promote and record each happen once,
+and the claim's examples are acknowledged without being trained again.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from learner.dataset import (
     split_reference,
 )
 from learner.gate import GateDecision, Paired, Pairs, Scores, decide
+from learner.journal import Abandoned, Intent, Journal, Step, fault_point_from_env, roll_forward, stale
 from learner.screen import Judged, ScreenResult, screen
 from learner.train import Trainer, seed_everything
 from learner.trigger import OpsTriggers, due
@@ -70,7 +77,9 @@ class CycleOutcome:
     """What one cycle did; written to the registry (``cycles/``) and the log."""
 
     trigger: str
-    outcome: str  # promoted, rejected, screened (every example suspect), empty, failed
+    # promoted, rejected, superseded (the active version moved before promotion), screened (every example
+    # suspect), settled (every example already trained on by a killed cycle), empty, failed
+    outcome: str
     claim_id: str = ""
     reason: str = ""
     version: str | None = None
@@ -86,6 +95,7 @@ class CycleOutcome:
     screened: dict = field(default_factory=dict)  # label -> contested corrections set aside by the screen
     screened_examples: int = 0  # of the claim: not trained on, kept out of the reservoir (learner.screen)
     screened_ids: list[str] = field(default_factory=list)  # their event ids, for the audit trail
+    settled_examples: int = 0  # of the claim: trained on by an earlier (killed) cycle, acknowledged, not trained
     negatives: int = 0
     labels: int = 0
     new_labels: list[str] = field(default_factory=list)
@@ -111,7 +121,11 @@ class Learner:
         self.buffer = buffer
         self.metrics = metrics or Metrics()
         self.trainer = trainer or Trainer(settings, show_progress=show_progress)
-        self.triggers = OpsTriggers(settings.registry_url)
+        self.triggers = OpsTriggers(settings.registry_url, token=settings.api_token.get_secret_value(),
+                                    metrics=self.metrics)
+        self.journal = Journal(registry)
+        self.step: Step = fault_point_from_env()
+        self._intents: dict[str, Intent] = {}
         self.consumer_name = f"learner-{socket.gethostname()}-{id(self):x}"
         self._workdir = Path(tempfile.mkdtemp(prefix="loraloop-learner-"))
         self._requested = threading.Event()
@@ -142,6 +156,10 @@ class Learner:
     def run(self, stop: threading.Event) -> None:
         """Run cycles when due until ``stop`` is set; a failing cycle is logged and retried later."""
         last = time.monotonic()
+        try:  # at start: a predecessor killed mid-cycle leaves no promoted version without its record
+            self.recover()
+        except Exception:  # the store may be down; every cycle starts by recovering again
+            logger.exception("learner recovery failed; retried at the next cycle")
         while not stop.is_set():
             ops = self._requested.is_set() or bool(self._take_ops())
             try:
@@ -187,15 +205,28 @@ class Learner:
 
     def _cycle(self, outcome: CycleOutcome) -> None:
         t = _Timer()
+        self.recover()
+        claimed_at = time.time()
         claim = self.buffer.claim(self.consumer_name, self.settings.cycle_max_feedback)
         t.lap("claim")
         outcome.claim_id = claim.claim_id
         self.metrics.buffer_claimed.inc(len(claim.examples))
+        settled = self._settled_by(claim)
+        fresh = [e for e in claim.examples if e.event_id not in settled]
+        outcome.settled_examples = len(claim.examples) - len(fresh)
         if not claim.examples:
             outcome.outcome, outcome.reason = "empty", "no new feedback"
             if outcome.trigger == "ops":  # ops asked: answer in the registry (`loraloop retrain --wait` reads it)
                 self.registry.record_cycle(outcome.as_dict())
+            self._close_stale(claim, claimed_at, set())
             logger.info("learner cycle (%s): nothing new, no training", outcome.trigger)
+            return
+        if not fresh:  # a killed cycle trained on all of them: its decision stands, its record exists
+            cycles = sorted({settled[e.event_id].claim_id for e in claim.examples})
+            outcome.outcome = "settled"
+            outcome.reason = (f"{outcome.settled_examples} examples already trained on by cycle(s) of claim "
+                              f"{', '.join(cycles)}: acknowledged, not trained again")
+            self._acknowledge(claim, None, settled, claimed_at)
             return
         self._cycle_no += 1
         seed = self.settings.seed + self._cycle_no
@@ -207,19 +238,21 @@ class Learner:
         active_model = self.trainer.model_for(active_dir, trainable=False) if active_dir else None
         ref_rows = reference_rows(reference, self.settings.reference_per_label) if self.settings.gate_enabled else []
         ref_predicted = self._labels_of(active_model, active_map, [r.text for r in ref_rows])
-        screened = self._screen(claim.examples, active_model, active_map, ref_rows, ref_predicted)
+        screened = self._screen(fresh, active_model, active_map, ref_rows, ref_predicted)
         outcome.screened = {label: flag.contested for label, flag in screened.flagged.items()}
         outcome.screened_examples, outcome.screened_ids = len(screened.suspect), sorted(screened.suspect)
-        examples = [e for e in claim.examples if e.event_id not in screened.suspect]
+        examples = [e for e in fresh if e.event_id not in screened.suspect]
         if not examples:
-            outcome.examples = len(claim.examples)
+            outcome.examples = len(fresh)
             outcome.outcome, outcome.reason = "screened", f"every example suspect: {screened.reason}"
-            self._acknowledge(claim, outcome, screened, GateDecision(False, outcome.reason))
+            intent = self._intend(claim, claimed_at, fresh, screened, GateDecision(False, outcome.reason), outcome)
+            self._complete(intent, outcome)
+            self._acknowledge(claim, intent, settled, claimed_at)
             return
         data = self._training_set(examples, active_map, seed, replayable)
         label_map, dropped = _extend(active_map, data.labels, self.settings.label_capacity)
         data = _without_labels(data, set(dropped))
-        outcome.examples, outcome.train_rows = len(claim.examples), len(data.train)
+        outcome.examples, outcome.train_rows = len(fresh), len(data.train)
         outcome.replay_rows, outcome.negatives, outcome.window = data.replay_rows, len(data.negatives), data.window
         outcome.reference_held = data.reference_held
         outcome.labels, outcome.new_labels = len(label_map), [x for x in label_map.labels if x not in active_map.labels]
@@ -232,24 +265,151 @@ class Learner:
         decision = self._evaluate(candidate, label_map, active_model, active_map, data, ref_rows, ref_predicted,
                                   outcome)
         t.lap("evaluate")
-        self._publish(candidate, label_map, pointer.version, decision, outcome)
+        folder = self.trainer.save(candidate, label_map, self._workdir / f"candidate-{claim.claim_id}")
+        outcome.version, outcome.parent, outcome.reason = None, pointer.version, decision.reason
+        outcome.outcome = "promoted" if decision.promote else "rejected"
+        outcome.timings = t.laps
+        intent = self._intend(claim, claimed_at, fresh, screened, decision, outcome, parent=pointer.version,
+                              candidate_dir=folder, metadata=self._metadata(outcome, label_map, decision))
+        self._complete(intent, outcome)
         t.lap("publish")
         outcome.timings = t.laps
-        self._acknowledge(claim, outcome, screened, decision)
+        self._acknowledge(claim, intent, settled, claimed_at)
 
-    def _acknowledge(self, claim, outcome: CycleOutcome, screened: ScreenResult, decision: GateDecision) -> None:
-        """Record the outcome, then acknowledge: suspect feedback stays out of the replay reservoir."""
+    # --- the intent journal (see learner.journal) -------------------------------------------
+    def recover(self) -> int:
+        """Roll every open intent's registry steps forward (a learner killed mid-cycle); returns how many.
+
+        Intents whose registry steps are done stay open until their examples come back from the
+        buffer (acknowledged then, not trained again) or are known to be gone.
+
+        Raises:
+            Exception: a store error; the intents stay as they are and the next cycle tries again.
+        """
+        self._intents = {i.claim_id: i for i in self.journal.load(self._count_recovery)}
+        rolled = 0
+        for intent in list(self._intents.values()):
+            if intent.recorded:
+                continue
+            logger.warning("completing the cycle of claim %s left by %s (version %s, promote %s)",
+                           intent.claim_id, intent.owner or "?", intent.version, intent.promote)
+            try:
+                roll_forward(intent, self.registry, self.journal, recovering=True, step=self.step,
+                             count=self._count_recovery, by=self.consumer_name)
+            except Abandoned as e:
+                logger.warning("%s: its examples are trained again when they come back", e)
+                self._count_recovery("abandoned")
+                self.journal.close(intent.claim_id)
+                del self._intents[intent.claim_id]
+                continue
+            rolled += 1
+            if intent.outcome.get("outcome") == "promoted":
+                self.metrics.promotions.labels(reason="learner").inc()
+        return rolled
+
+    def _count_recovery(self, action: str) -> None:
+        self.metrics.learner_recovery.labels(action=action).inc()
+
+    def _settled_by(self, claim) -> dict[str, Intent]:
+        """The claim's examples that an open intent already trained on: event id -> intent."""
+        by_id = {}
+        for intent in self._intents.values():
+            for event_id in intent.remaining():
+                by_id[event_id] = intent
+        return {e.event_id: by_id[e.event_id] for e in claim.examples if e.event_id in by_id}
+
+    def _intend(self, claim, claimed_at: float, examples: list[Example], screened: ScreenResult,
+                decision: GateDecision, outcome: CycleOutcome, *, parent: str | None = None,
+                candidate_dir: Path | None = None, metadata: dict | None = None) -> Intent:
+        """Write the cycle's intent, before its first effect."""
         outcome.quarantined = decision.suspect_feedback
-        self.registry.record_cycle(outcome.as_dict())
-        self.buffer.acknowledge(claim, remember=not decision.suspect_feedback, quarantine=screened.suspect)
+        outcome.duration_s = round(time.time() - outcome.started_at, 3)  # so far; the record has the final one
+        intent = Intent(claim_id=claim.claim_id, owner=self.consumer_name, claimed_at=claimed_at,
+                        created_at=time.time(), event_ids=[e.event_id for e in examples],
+                        screened=sorted(screened.suspect), suspect=decision.suspect_feedback,
+                        outcome=outcome.as_dict(), publish=candidate_dir is not None, promote=decision.promote,
+                        parent=parent, metadata=metadata or {},
+                        candidate_dir=str(candidate_dir) if candidate_dir else None)
+        self.journal.save(intent)
+        self._intents[intent.claim_id] = intent
+        return intent
+
+    def _complete(self, intent: Intent, outcome: CycleOutcome) -> None:
+        """Publish, promote and record (see :func:`learner.journal.roll_forward`); the outcome follows."""
+        try:
+            roll_forward(intent, self.registry, self.journal, recovering=False, step=self.step,
+                         count=self._count_recovery)
+        except Abandoned:
+            self.journal.close(intent.claim_id)
+            del self._intents[intent.claim_id]
+            raise
+        done = intent.outcome
+        outcome.version, outcome.parent = done.get("version"), done.get("parent")
+        outcome.outcome, outcome.reason = done["outcome"], done.get("reason", "")
+        outcome.duration_s = done.get("duration_s", 0.0)
+        if outcome.outcome == "promoted":
+            self.metrics.promotions.labels(reason="learner").inc()
+            logger.info("promoted %s: %s", outcome.version, outcome.reason)
+        elif outcome.version:
+            logger.warning("%s candidate %s: %s", outcome.outcome, outcome.version, outcome.reason)
+
+    def _acknowledge(self, claim, intent: Intent | None, settled: dict[str, Intent], claimed_at: float) -> None:
+        """Acknowledge the whole claim: suspect feedback (this cycle's and settled cycles') stays out of the reservoir.
+
+        Then close this cycle's intent, and the settled intents whose examples are all acknowledged.
+        """
+        screen_ids, gate_ids = intent.quarantined() if intent else (set(), set())
+        earlier: dict[str, set[str]] = {}
+        for event_id, owner in settled.items():
+            earlier.setdefault(owner.claim_id, set()).add(event_id)
+        for claim_id, ids in earlier.items():
+            s, g = self._intents[claim_id].quarantined(ids)
+            screen_ids, gate_ids = screen_ids | s, gate_ids | g
+        quarantine = screen_ids | gate_ids
+        everything = {e.event_id for e in claim.examples}
+        if quarantine >= everything:
+            self.buffer.acknowledge(claim, remember=False)
+        else:
+            self.buffer.acknowledge(claim, remember=True, quarantine=quarantine)
+        self.step("acknowledge")
         self.metrics.buffer_acknowledged.inc(len(claim.examples))
-        if screened.suspect:
-            self.metrics.feedback_quarantined.labels(reason="screen").inc(len(screened.suspect))
-            logger.warning("screen set aside %d contested corrections: %s", len(screened.suspect), screened.reason)
-        if decision.suspect_feedback:
-            rest = len(claim.examples) - len(screened.suspect)
-            self.metrics.feedback_quarantined.labels(reason="gate").inc(rest)
-            logger.warning("quarantined %d examples (kept out of the replay reservoir): %s", rest, decision.reason)
+        if settled:
+            self.metrics.learner_recovery.labels(action="settled").inc(len(settled))
+            logger.warning("acknowledged %d examples already trained on by the cycle(s) of claim %s, not trained "
+                           "again", len(settled), ", ".join(sorted(earlier)))
+        if screen_ids:
+            self.metrics.feedback_quarantined.labels(reason="screen").inc(len(screen_ids))
+            logger.warning("screen set aside %d contested corrections (label: contested) %s", len(screen_ids),
+                           intent.outcome.get("screened", {}) if intent else "in an earlier cycle")
+        if gate_ids:
+            self.metrics.feedback_quarantined.labels(reason="gate").inc(len(gate_ids))
+            logger.warning("quarantined %d examples (kept out of the replay reservoir): %s", len(gate_ids),
+                           intent.outcome.get("reason", "") if intent else "an earlier cycle's gate")
+        if intent is not None:
+            self.journal.close(intent.claim_id)
+            del self._intents[intent.claim_id]
+        for claim_id, ids in earlier.items():
+            old = self._intents[claim_id]
+            old.acknowledged = sorted(set(old.acknowledged) | ids)
+            if old.remaining():
+                self.journal.save(old)
+            else:
+                self.journal.close(claim_id)
+                del self._intents[claim_id]
+        self._close_stale(claim, claimed_at, everything)
+
+    def _close_stale(self, claim, claimed_at: float, acknowledged: set[str]) -> None:
+        """Close intents whose remaining examples a claim that was not full would have held: they are gone."""
+        if len(claim.examples) >= self.settings.cycle_max_feedback:
+            return
+        for intent in list(self._intents.values()):
+            if stale(intent, claimed_at, self.settings.claim_idle_s) and not intent.remaining() & acknowledged:
+                logger.info("closing the intent of claim %s: %d of its examples are no longer in the buffer "
+                            "(acknowledged before the learner was killed, or dropped)", intent.claim_id,
+                            len(intent.remaining()))
+                self._count_recovery("closed")
+                self.journal.close(intent.claim_id)
+                del self._intents[intent.claim_id]
 
     def _labels_of(self, model, label_map: LabelMap, texts: list[str]) -> list[str]:
         """The label ``model`` predicts for each text (none without a model)."""
@@ -355,24 +515,10 @@ class Learner:
                       n_reference=len(reference_ok)), {"reference": reference_ok, "holdout": holdout_ok,
                                                        "known": known_ok}
 
-    def _publish(self, model, label_map: LabelMap, parent: str | None, decision: GateDecision,
-                 outcome: CycleOutcome) -> None:
-        folder = self.trainer.save(model, label_map, self._workdir / f"candidate-{self._cycle_no}")
-        meta = {"trigger": outcome.trigger, "data_window": outcome.window, "examples": outcome.examples,
+    def _metadata(self, outcome: CycleOutcome, label_map: LabelMap, decision: GateDecision) -> dict:
+        return {"trigger": outcome.trigger, "data_window": outcome.window, "examples": outcome.examples,
                 "evaluation": {"candidate": outcome.candidate, "active": outcome.active},
                 "train_loss": outcome.train_loss, "labels": len(label_map), "gate": decision.reason}
-        version = self.registry.publish(folder, parent=parent, metadata=meta)
-        shutil.rmtree(folder, ignore_errors=True)
-        outcome.version, outcome.parent, outcome.reason = version, parent, decision.reason
-        if decision.promote:
-            self.registry.promote(version, reason=f"learner ({outcome.trigger}): {decision.reason}")
-            outcome.outcome = "promoted"
-            self.metrics.promotions.labels(reason="learner").inc()
-            logger.info("promoted %s: %s", version, decision.reason)
-        else:
-            self.registry.mark_rejected(version, {"gate": decision.reason, **outcome.candidate})
-            outcome.outcome = "rejected"
-            logger.warning("rejected candidate %s: %s", version, decision.reason)
 
     def _observe(self, outcome: CycleOutcome) -> None:
         m = self.metrics
@@ -409,7 +555,9 @@ class Learner:
         folder = self.trainer.save(model, label_map, self._workdir / "bootstrap")
         version = self.registry.publish(folder, metadata={"trigger": reason, "examples": len(train),
                                                           "train_loss": report.final_loss, "labels": len(label_map)})
+        self.registry.set_status(version, "candidate", {"bootstrap": reason})  # not "ok" if killed right here
         self.registry.promote(version, reason=reason)
+        self.registry.set_status(version, "promoted", {"bootstrap": reason})
         self.buffer.remember([Example(event_id=f"bootstrap-{i}", request_id=f"bootstrap-{i}", text=r.text,
                                       kind="label", label=r.label, served_label=r.label, adapter_version=version)
                               for i, r in enumerate(rows)])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import random
 import time
 from pathlib import Path
@@ -14,7 +16,7 @@ from learner.cycle import build_learner
 from learner.dataset import Labelled, Negative, build_training_set, is_reference, reference_rows, resolve
 from learner.gate import Paired, Pairs, Scores, decide
 from learner.train import _loss
-from learner.trigger import OpsTriggers, due
+from learner.trigger import TRIGGER_MAX_AGE_S, OpsTriggers, due, sign
 from loraloop.buffer.memory import MemoryFeedbackBuffer
 from loraloop.metrics import Metrics
 from loraloop.registry import make_registry
@@ -136,6 +138,73 @@ def test_triggers_and_cross_process_ops_requests(tmp_path: Path) -> None:
     assert reader.take() == []
 
 
+def _triggers(tmp_path: Path, token: str = "") -> tuple[OpsTriggers, Metrics]:
+    metrics = Metrics(CollectorRegistry())
+    return OpsTriggers(str(tmp_path), token=token, metrics=metrics), metrics
+
+
+def _trigger_count(metrics: Metrics, outcome: str) -> float:
+    return metrics.registry.get_sample_value("loraloop_learner_triggers_total", {"outcome": outcome}) or 0.0
+
+
+def test_signed_retrain_requests_are_taken_and_others_refused(tmp_path: Path) -> None:
+    learner_side, metrics = _triggers(tmp_path, token="s3cret")
+    signed = OpsTriggers(str(tmp_path), token="s3cret").request("signed")
+    OpsTriggers(str(tmp_path)).request("unsigned")  # `loraloop retrain` without the token
+    OpsTriggers(str(tmp_path), token="wrong").request("forged")
+    folder = tmp_path / "triggers"
+    body = {"id": "old", "reason": "replay of an old request", "at": time.time() - 2 * TRIGGER_MAX_AGE_S}
+    (folder / "old.json").write_text(json.dumps({**body, "hmac": sign(b"s3cret", body)}))
+    tampered = json.loads((folder / f"{signed}.json").read_text()) | {"reason": "edited after signing"}
+    (folder / "tampered.json").write_text(json.dumps(tampered))
+    assert [t["reason"] for t in learner_side.take()] == ["signed"]
+    assert list(folder.iterdir()) == []  # refused files are deleted, not retried every tick
+    assert {o: _trigger_count(metrics, o) for o in ("accepted", "unsigned", "bad_signature", "stale")} == {
+        "accepted": 1, "unsigned": 1, "bad_signature": 2, "stale": 1}
+    (folder / "again.json").write_text(json.dumps(tampered | {"reason": "signed"}))  # the taken request, copied back
+    assert learner_side.take() == [] and _trigger_count(metrics, "replayed") == 1
+
+
+def test_garbage_trigger_files_are_refused_without_blocking(tmp_path: Path) -> None:
+    taker, metrics = _triggers(tmp_path, token="s3cret")
+    folder = tmp_path / "triggers"
+    folder.mkdir()
+    (folder / "nested.json").write_text("[" * 3000)
+    (folder / "list.json").write_text("[1, 2]")
+    (folder / "huge.json").write_bytes(b" " * 10_000)
+    (folder / "fields.json").write_text(json.dumps({"id": 1, "at": "now", "hmac": "x"}))
+    os.mkfifo(folder / "fifo.json")  # opening a FIFO for reading would block the learner's loop
+    (folder / "dir.json").mkdir()
+    (folder / "link.json").symlink_to(tmp_path / "elsewhere.json")
+    (folder / "notes.txt").write_text("not a request")
+    assert taker.take() == []
+    assert _trigger_count(metrics, "malformed") == 7
+    assert sorted(p.name for p in folder.iterdir()) == ["dir.json", "notes.txt"]  # a directory cannot be rm'd
+    assert taker.take() == [] and _trigger_count(metrics, "malformed") == 7  # and is not refused every tick
+
+
+def test_without_a_token_requests_are_taken_unsigned_with_one_warning(tmp_path: Path, caplog) -> None:
+    taker, metrics = _triggers(tmp_path)
+    OpsTriggers(str(tmp_path)).request("one")
+    OpsTriggers(str(tmp_path), token="any").request("signed is fine too")
+    with caplog.at_level("WARNING", logger="learner.trigger"):
+        assert len(taker.take()) == 2
+        OpsTriggers(str(tmp_path)).request("two")
+        assert len(taker.take()) == 1
+    assert sum("api_token is not set" in r.getMessage() for r in caplog.records) == 1
+    assert _trigger_count(metrics, "accepted") == 3
+
+
+def test_the_learner_starts_no_cycle_on_a_refused_trigger(env, monkeypatch) -> None:
+    learner, *_ = env
+    monkeypatch.setattr(learner.triggers, "token", b"s3cret")
+    OpsTriggers(learner.settings.registry_url).request("unsigned")
+    assert learner._take_ops() == []
+    OpsTriggers(learner.settings.registry_url, token="s3cret").request("signed")
+    assert [t["reason"] for t in learner._take_ops()] == ["signed"]
+    assert _trigger_count(learner.metrics, "unsigned") == 1
+
+
 def test_unlikelihood_pushes_down_the_rejected_label() -> None:
     logits = torch.zeros(1, 3, requires_grad=True)
     _loss(logits, [1], [True]).backward()
@@ -161,7 +230,16 @@ def env_without_golden(base_dir: Path, tmp_path: Path):
     yield from _env(base_dir, tmp_path, reference_share=0.4)  # a reference set large enough for a toy stream
 
 
-def _env(base_dir: Path, tmp_path: Path, **overrides):
+@pytest.fixture
+def env_known(base_dir: Path, tmp_path: Path):
+    """Bootstrapped on twice the rows: enough reference rows (8 of label b) for the screen to judge b as known."""
+    golden = tmp_path / "golden.csv"
+    rng = random.Random(1)
+    golden.write_text("text,label\n" + "".join(f"{_text(rng, y)},{y}\n" for y in "ab" * 15))
+    yield from _env(base_dir, tmp_path, repeats=60, golden_path=str(golden))
+
+
+def _env(base_dir: Path, tmp_path: Path, repeats: int = 30, **overrides):
     settings = Settings(base_model=str(base_dir), registry_url=str(tmp_path / "registry"), label_capacity=8,
                         epochs=1, claim_idle_s=0.5, **overrides)
     buffer = MemoryFeedbackBuffer(1000, "reject", 50, settings.claim_idle_s, 600)
@@ -169,7 +247,7 @@ def _env(base_dir: Path, tmp_path: Path, **overrides):
     metrics = Metrics(CollectorRegistry())
     learner = build_learner(settings, registry=registry, buffer=buffer, metrics=metrics, show_progress=False)
     rng = random.Random(0)
-    first = learner.bootstrap([_text(rng, y) for y in "ab" * 30], list("ab" * 30))
+    first = learner.bootstrap([_text(rng, y) for y in "ab" * repeats], list("ab" * repeats))
     yield learner, buffer, registry, metrics, first, rng
     learner.close()
 
@@ -240,8 +318,8 @@ def test_without_a_golden_set_the_reference_set_rejects_poison(env_without_golde
     assert metrics.registry.get_sample_value("loraloop_feedback_quarantined_total", {"reason": "gate"}) == 150
 
 
-def test_the_screen_sets_aside_a_burst_pushed_onto_one_label(env) -> None:
-    learner, buffer, registry, metrics, first, rng = env
+def test_the_screen_sets_aside_a_burst_pushed_onto_one_label(env_known) -> None:
+    learner, buffer, registry, metrics, first, rng = env_known
     _feed(buffer, rng, "ab" * 40, 0)  # honest corrections
     _feed(buffer, rng, "b" * 40, 1000, truth="a")  # a burst: "a" texts labelled "b"
     outcome = learner.run_cycle("count")
@@ -255,8 +333,8 @@ def test_the_screen_sets_aside_a_burst_pushed_onto_one_label(env) -> None:
     assert learner.evaluate(outcome.version, [_text(rng, "a") for _ in range(20)], ["a"] * 20) >= 0.9
 
 
-def test_a_claim_that_is_all_suspect_trains_nothing(env) -> None:
-    learner, buffer, registry, metrics, first, rng = env
+def test_a_claim_that_is_all_suspect_trains_nothing(env_known) -> None:
+    learner, buffer, registry, metrics, first, rng = env_known
     _feed(buffer, rng, "b" * 30, 0, truth="a")
     before = [v.version for v in registry.versions()]
     outcome = learner.run_cycle("count")
