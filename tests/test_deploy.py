@@ -1,5 +1,10 @@
 """deploy/: Prometheus config and rules pass promtool, compose and manifests parse and name what exists,
-and every metric the dashboard, the alerts and the guard query is one the code defines, with its labels."""
+and every metric the dashboard, the alerts and the guard query is one the code defines, with its labels.
+
+Credentials: no password, token or key has a default anywhere; each one flows from one variable (compose)
+or one Secret key (Kubernetes) into every component that needs it; the registry is writable only where
+something writes it (learner, guard), and really read-only for the workers' read path.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -121,7 +127,8 @@ def test_compose_has_every_service_with_the_right_images() -> None:
         assert service["command"] == EXPECTED_COMMANDS[name]
         assert service["command"][0] in _commands()
         env = service["environment"]
-        assert env["LORALOOP_TRANSPORT"] == "kafka" and env["LORALOOP_REDIS_URL"].startswith("redis://redis:")
+        assert env["LORALOOP_TRANSPORT"] == "kafka" and env["LORALOOP_REDIS_URL"].startswith("redis://:${REDIS_PASSWORD:?")
+        assert env["LORALOOP_REDIS_URL"].endswith("@redis:6379/0")
         assert env["LORALOOP_METRICS_PORT"] == "9100"
     assert services["worker"]["deploy"]["replicas"] >= 2
     devices = services["learner"]["deploy"]["resources"]["reservations"]["devices"]
@@ -185,7 +192,7 @@ def test_deployments_have_probes_settings_and_valid_commands() -> None:
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
         assert ports["metrics"] == 9100
         refs = {next(iter(r.values()))["name"] for r in container["envFrom"]}
-        assert refs == {"loraloop-settings", "loraloop-secrets"}
+        assert refs == {"loraloop-settings"}  # secrets come key by key (secretKeyRef), never the whole Secret
         assert doc["spec"]["template"]["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
         assert doc["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= 30
     learner = _containers(deployments["loraloop-learner"])[0]
@@ -351,3 +358,360 @@ def test_alerts_fire_on_synthetic_series() -> None:
     result = subprocess.run([promtool, "test", "rules", "alerts_test.yml"], cwd=DEPLOY / "prometheus",
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- credentials: compose ---------------------------------------------------------------------------
+# What compose does with ${...} (https://docs.docker.com/compose/how-tos/environment-variables/variable-interpolation/),
+# applied to every string of the parsed file: $$ is a literal $, ${V:?msg} / ${V?msg} fail when V is unset
+# (or, with the colon, empty), ${V:-x} / ${V-x} fall back to x.
+_INTERPOLATION = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
+# Variables that may have a default: image names, never a credential.
+DEFAULTS_ALLOWED = {"LORALOOP_IMAGE", "LORALOOP_CUDA_IMAGE"}
+COMPOSE_SECRETS = {"REDIS_PASSWORD": "redis-pw-1f3a", "KAFKA_SASL_PASSWORD": "kafka-pw-77c2",
+                   "KAFKA_ADMIN_PASSWORD": "kafka-admin-pw-9e01", "LORALOOP_API_TOKEN": "api-token-5b6d",
+                   "GRAFANA_ADMIN_PASSWORD": "grafana-pw-0a0a", "REGISTRY_SIGNING_KEY_FILE": "/keys/signing.pem",
+                   "REGISTRY_VERIFY_KEY_FILE": "/keys/verify.pem"}
+READERS = {"worker", "ingester"}  # registry read-only
+WRITERS = {"learner", "guard"}  # the learner publishes and promotes; the guard rolls back and annotates
+_SECRET_NAME = re.compile(r"(PASSWORD|TOKEN|SECRET|_KEY|_AUTH)$")
+
+
+class MissingVariable(KeyError):
+    pass
+
+
+def _interpolate(value: object, env: dict[str, str]) -> object:
+    if isinstance(value, dict):
+        return {k: _interpolate(v, env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(v, env) for v in value]
+    if not isinstance(value, str):
+        return value
+
+    def substitute(match: re.Match) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name, op, arg = match.groups()
+        current = env.get(name)
+        missing = current is None or (op is not None and op.startswith(":") and current == "")
+        if op in (":?", "?") and missing:
+            raise MissingVariable(f"{name}: {arg}")
+        if op in (":-", "-") and missing:
+            return arg
+        return current or ""
+
+    return _INTERPOLATION.sub(substitute, value)
+
+
+def _rendered(env: dict[str, str] | None = None) -> dict:
+    return _interpolate(_compose(), COMPOSE_SECRETS if env is None else env)
+
+
+def _strings(value: object) -> list[str]:
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    return [value] if isinstance(value, str) else []
+
+
+def test_compose_credentials_have_no_defaults() -> None:
+    """Every ${...} of a credential fails when unset; nothing secret is written into the file itself."""
+    uses = [m for s in _strings(_compose()) for m in _INTERPOLATION.finditer(s) if m.group(1)]
+    with_default = {m.group(1) for m in uses if m.group(2) in (":-", "-")}
+    assert with_default <= DEFAULTS_ALLOWED, f"variables with a default: {sorted(with_default - DEFAULTS_ALLOWED)}"
+    required = {m.group(1) for m in uses if m.group(2) == ":?"}
+    assert {m.group(1) for m in uses} - DEFAULTS_ALLOWED == required, "a bare ${VAR} silently becomes empty"
+    assert set(COMPOSE_SECRETS) == required
+    for name, service in _compose()["services"].items():
+        for key, value in (service.get("environment") or {}).items():
+            if _SECRET_NAME.search(key):
+                assert "${" in value or value.startswith("/run/secrets/"), f"{name}: {key} is written in the file"
+    for name in COMPOSE_SECRETS:  # each one alone stops the whole file, as `docker compose` would
+        with pytest.raises(MissingVariable, match=name):
+            _rendered({k: v for k, v in COMPOSE_SECRETS.items() if k != name})
+        with pytest.raises(MissingVariable, match=name):
+            _rendered({**COMPOSE_SECRETS, name: ""})
+    example = (DEPLOY / ".env.example").read_text()
+    listed = dict(line.split("=", 1) for line in example.splitlines() if line and not line.startswith("#"))
+    assert set(listed) - DEFAULTS_ALLOWED == set(COMPOSE_SECRETS), "the example must list every credential"
+    assert not any(listed[k] for k in COMPOSE_SECRETS), "the example must leave every credential empty"
+
+
+def test_every_compose_component_gets_the_redis_password_and_kafka_sasl() -> None:
+    from redis.connection import parse_url
+
+    services = _rendered()["services"]
+    kafka = services["kafka"]["environment"]
+    jaas = kafka["KAFKA_LISTENER_NAME_CLIENT_PLAIN_SASL_JAAS_CONFIG"]
+    accounts = dict(re.findall(r'user_([A-Za-z0-9_]+)="([^"]*)"', jaas))
+    protocols = dict(p.split(":") for p in kafka["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"].split(","))
+    for listener in kafka["KAFKA_LISTENERS"].split(","):  # nothing on the network without credentials
+        name, address = listener.split("://")
+        assert protocols[name].startswith("SASL_") or address.startswith("localhost:"), listener
+    assert "PLAIN" in kafka["KAFKA_SASL_ENABLED_MECHANISMS"].split(",")
+    advertised = dict(reversed(a.split("://")) for a in kafka["KAFKA_ADVERTISED_LISTENERS"].split(","))
+    for name in LORALOOP_SERVICES:
+        env = services[name]["environment"]
+        assert parse_url(env["LORALOOP_REDIS_URL"])["password"] == COMPOSE_SECRETS["REDIS_PASSWORD"], name
+        assert env["LORALOOP_KAFKA_SECURITY_PROTOCOL"] == protocols[advertised[env["LORALOOP_KAFKA_BOOTSTRAP"]]]
+        assert env["LORALOOP_KAFKA_SASL_MECHANISM"] in kafka["KAFKA_SASL_ENABLED_MECHANISMS"].split(",")
+        assert accounts[env["LORALOOP_KAFKA_SASL_USERNAME"]] == env["LORALOOP_KAFKA_SASL_PASSWORD"], name
+        Settings(**{k[len("LORALOOP_"):].lower(): v for k, v in env.items()})  # every value is a valid setting
+    redis_env = services["redis"]["environment"]
+    assert redis_env["REDIS_PASSWORD"] == redis_env["REDISCLI_AUTH"] == COMPOSE_SECRETS["REDIS_PASSWORD"]
+    command = " ".join(services["redis"]["command"])
+    assert "requirepass" in command and '"$REDIS_PASSWORD"' in command  # the container's shell expands it
+    assert COMPOSE_SECRETS["REDIS_PASSWORD"] not in command, "the password must not be on the command line"
+    assert re.search(r"--appendonly yes --appendfsync (everysec|always)\b", command), "the ingester needs AOF"
+    assert services["redis"]["user"] == "redis"  # a command starting with sh keeps the entrypoint from dropping root
+    assert services["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"] == COMPOSE_SECRETS["GRAFANA_ADMIN_PASSWORD"]
+
+
+def _registry_mode(volumes: list[str]) -> str | None:
+    for volume in volumes:
+        source, target, *mode = volume.split("#")[0].strip().split(":")
+        if source == "registry":
+            assert target == "/registry"
+            return mode[0] if mode else "rw"
+    return None
+
+
+def test_compose_registry_is_read_only_except_for_its_writers() -> None:
+    services = _compose()["services"]
+    modes = {name: _registry_mode(s.get("volumes", [])) for name, s in services.items()}
+    assert {n for n, m in modes.items() if m is not None} == LORALOOP_SERVICES
+    assert {n for n, m in modes.items() if m == "ro"} == READERS
+    assert {n for n, m in modes.items() if m == "rw"} == WRITERS
+    # The signing key reaches the publisher only; every loraloop process checks signatures.
+    for name in LORALOOP_SERVICES:
+        service, env = services[name], services[name]["environment"]
+        assert "registry_verify_key" in service["secrets"]
+        assert env["LORALOOP_REGISTRY_VERIFY_KEY"] == "/run/secrets/registry_verify_key"
+        signs = "registry_signing_key" in service["secrets"]
+        assert signs == (name == "learner") == ("LORALOOP_REGISTRY_SIGNING_KEY" in env), name
+    assert services["learner"]["environment"]["LORALOOP_REGISTRY_SIGNING_KEY"] == "/run/secrets/registry_signing_key"
+
+
+def test_compose_endpoint_beyond_loopback_requires_the_token() -> None:
+    from feedback.http import is_loopback
+
+    services = _rendered()["services"]
+    serving = {n: s for n, s in services.items() if int(s.get("environment", {}).get("LORALOOP_FEEDBACK_HTTP_PORT", 0))}
+    assert set(serving) == {"ingester"}
+    for name, service in serving.items():
+        env = service["environment"]
+        settings = Settings(**{k[len("LORALOOP_"):].lower(): v for k, v in env.items()})
+        published = [p for p in service.get("ports", []) if p.split(":")[-1] == str(settings.feedback_http_port)]
+        if published:  # a published port reaches the container's interface, not its loopback
+            assert not is_loopback(settings.feedback_http_host), f"{name} publishes a port it does not listen on"
+        if not is_loopback(settings.feedback_http_host):
+            assert settings.api_token.get_secret_value() == COMPOSE_SECRETS["LORALOOP_API_TOKEN"], name
+    for name in ("prometheus", "grafana"):  # no authentication of their own worth the network
+        assert all(p.startswith("127.0.0.1:") for p in services[name]["ports"]), name
+
+
+def test_docker_compose_accepts_the_file(tmp_path: Path) -> None:
+    """`docker-compose config` (when installed) parses, merges and interpolates the file like `up` would."""
+    binary = shutil.which("docker-compose")
+    if binary is None:
+        pytest.skip("docker-compose not installed")
+    for name in ("REGISTRY_SIGNING_KEY_FILE", "REGISTRY_VERIFY_KEY_FILE"):
+        (tmp_path / name).write_text("-----BEGIN PUBLIC KEY-----\n-----END PUBLIC KEY-----\n")
+    env = {**{k: v for k, v in os.environ.items() if k not in COMPOSE_SECRETS}, **COMPOSE_SECRETS,
+           "REGISTRY_SIGNING_KEY_FILE": str(tmp_path / "REGISTRY_SIGNING_KEY_FILE"),
+           "REGISTRY_VERIFY_KEY_FILE": str(tmp_path / "REGISTRY_VERIFY_KEY_FILE")}
+    args = [binary, "--project-directory", str(tmp_path), "-f", str(DEPLOY / "compose.yaml"), "config"]
+    done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"redis://:{COMPOSE_SECRETS['REDIS_PASSWORD']}@redis:6379/0" in done.stdout
+    missing = subprocess.run(args, capture_output=True, text=True, timeout=60,
+                             env={k: v for k, v in env.items() if k != "REDIS_PASSWORD"})
+    assert missing.returncode != 0 and "REDIS_PASSWORD" in missing.stdout + missing.stderr
+
+
+# --- credentials: kubernetes ------------------------------------------------------------------------
+def _deployments() -> dict[str, dict]:
+    return {d["metadata"]["name"].removeprefix("loraloop-"): d for d in _manifests() if d["kind"] == "Deployment"}
+
+
+def _secrets() -> dict[str, dict]:
+    return {d["metadata"]["name"]: d for d in _manifests() if d["kind"] == "Secret"}
+
+
+def _env(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def _expanded(container: dict, values: dict[tuple[str, str], str]) -> dict[str, str]:
+    """The container's environment as the kubelet builds it: $(VAR) of an earlier variable expanded."""
+    out: dict[str, str] = {}
+    for entry in container.get("env", []):
+        if "valueFrom" in entry:
+            ref = entry["valueFrom"]["secretKeyRef"]
+            out[entry["name"]] = values[(ref["name"], ref["key"])]
+        else:
+            out[entry["name"]] = re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)",
+                                        lambda m: out.get(m.group(1), m.group(0)), entry["value"])
+    return out
+
+
+def test_kubernetes_secrets_ship_empty_and_are_documented() -> None:
+    secrets = _secrets()
+    assert {"loraloop-secrets", "loraloop-registry-signing"} <= set(secrets)
+    header = (K8S / "secret.yaml").read_text().split("apiVersion")[0]
+    for name, secret in secrets.items():
+        data = {**(secret.get("data") or {}), **(secret.get("stringData") or {})}
+        for key, value in data.items():
+            if _SECRET_NAME.search(key.upper().replace("-", "_")):
+                assert value == "", f"Secret {name}: {key} has a value in the repository"
+                assert key in (K8S / "secret.yaml").read_text(), f"Secret {name}: {key} is not documented"
+    assert {"redis-password", "kafka-sasl-password", "api-token", "registry-verify-key"} <= set(
+        secrets["loraloop-secrets"]["stringData"])
+    for key in ("redis-password", "kafka-sasl-password", "api-token", "registry-verify-key"):
+        assert key in header, f"{key} is not documented in the header of secret.yaml"
+
+
+def test_every_deployment_gets_the_redis_password_and_kafka_sasl_from_secrets() -> None:
+    secrets = _secrets()
+    values = {(name, key): f"{name}.{key}.value" for name, s in secrets.items() for key in s["stringData"]}
+    settings = {d["metadata"]["name"]: d for d in _manifests() if d["kind"] == "ConfigMap"}["loraloop-settings"]["data"]
+    assert settings["LORALOOP_KAFKA_SECURITY_PROTOCOL"].startswith("SASL_")
+    assert settings["LORALOOP_KAFKA_SASL_MECHANISM"] and settings["LORALOOP_KAFKA_SASL_USERNAME"]
+    assert "LORALOOP_REDIS_URL" not in settings and "LORALOOP_KAFKA_SASL_PASSWORD" not in settings
+    from redis.connection import parse_url
+
+    deployments = _deployments()
+    assert set(deployments) == LORALOOP_SERVICES
+    for name, doc in deployments.items():
+        (container,) = _containers(doc)
+        for entry in container.get("env", []):
+            ref = entry.get("valueFrom", {}).get("secretKeyRef")
+            if ref is not None:
+                assert (ref["name"], ref["key"]) in values, f"{name}: {ref} names no key of a Secret"
+        env = _expanded(container, values)
+        assert parse_url(env["LORALOOP_REDIS_URL"])["password"] == values[("loraloop-secrets", "redis-password")]
+        assert env["LORALOOP_KAFKA_SASL_PASSWORD"] == values[("loraloop-secrets", "kafka-sasl-password")]
+        configured = Settings(**{k[len("LORALOOP_"):].lower(): v for k, v in {**settings, **env}.items()
+                                 if k.startswith("LORALOOP_")})
+        from loraloop.transport.kafka import client_config
+
+        config = client_config(configured)
+        assert config["security_protocol"] == settings["LORALOOP_KAFKA_SECURITY_PROTOCOL"]
+        assert config["sasl_plain_password"] == values[("loraloop-secrets", "kafka-sasl-password")], name
+
+
+def _mounts(doc: dict) -> dict[str, dict]:
+    (container,) = _containers(doc)
+    return {m["name"]: m for m in container["volumeMounts"]}
+
+
+def _mounted_files(doc: dict) -> dict[str, tuple[str, str]]:
+    """Path in the container -> (Secret, key) of every file a Secret volume mounts."""
+    volumes = {v["name"]: v for v in doc["spec"]["template"]["spec"]["volumes"]}
+    files = {}
+    for name, mount in _mounts(doc).items():
+        volume = volumes[name]
+        sources = [{"secret": {"name": volume["secret"]["secretName"], "items": volume["secret"]["items"]}}] \
+            if "secret" in volume else volume.get("projected", {}).get("sources", [])
+        for source in sources:
+            for item in source["secret"]["items"]:
+                files[f"{mount['mountPath']}/{item['path']}"] = (source["secret"]["name"], item["key"])
+    return files
+
+
+def test_kubernetes_registry_is_read_only_except_for_its_writers_and_keys_reach_whom_they_should() -> None:
+    secrets = _secrets()
+    for name, doc in _deployments().items():
+        registry = _mounts(doc)["registry"]
+        assert registry["mountPath"] == "/registry"
+        assert registry.get("readOnly", False) == (name in READERS), f"{name}: registry readOnly"
+        (container,) = _containers(doc)
+        env = _env(container)
+        files = _mounted_files(doc)
+        assert files[env["LORALOOP_REGISTRY_VERIFY_KEY"]["value"]] == ("loraloop-secrets", "registry-verify-key")
+        signing = env.get("LORALOOP_REGISTRY_SIGNING_KEY")
+        assert (signing is not None) == (name == "learner"), f"{name}: only the learner signs"
+        signing_files = {p for p, ref in files.items() if ref[0] == "loraloop-registry-signing"}
+        assert signing_files == ({signing["value"]} if signing else set()), f"{name} mounts the signing key"
+        for key_file in files.values():
+            assert key_file[1] in secrets[key_file[0]]["stringData"]
+        assert all(m.get("readOnly") for n, m in _mounts(doc).items() if n != "registry")
+
+
+def test_kubernetes_endpoint_beyond_loopback_requires_the_token() -> None:
+    from feedback.http import is_loopback
+
+    settings = {d["metadata"]["name"]: d for d in _manifests() if d["kind"] == "ConfigMap"}["loraloop-settings"]["data"]
+    for name, doc in _deployments().items():
+        (container,) = _containers(doc)
+        env = _env(container)
+        port = int(env.get("LORALOOP_FEEDBACK_HTTP_PORT", {}).get("value", settings.get("LORALOOP_FEEDBACK_HTTP_PORT", 0)))
+        if not port:
+            continue
+        host = env.get("LORALOOP_FEEDBACK_HTTP_HOST", {}).get("value", "127.0.0.1")
+        assert not is_loopback(host), f"{name}: a Service cannot reach an endpoint on the pod's loopback"
+        assert port in {p["containerPort"] for p in container["ports"]}
+        assert env["LORALOOP_API_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "loraloop-secrets",
+                                                                          "key": "api-token"}, name
+
+
+# --- a read-only registry is enough for a worker ------------------------------------------------------
+_READER = '''
+import json, sys
+from pathlib import Path
+from tests.test_worker_memory import Stack, serve_until
+
+work, base, registry, verify_key, active, other = sys.argv[1:]
+stack = Stack(Path(work), Path(base), registry_url=registry, registry_pointer="file", registry_verify_key=verify_key)
+ids = stack.requests(5)
+with stack.worker() as worker:
+    serve_until(worker, lambda: len(stack.predictions()) == 5, timeout=60)
+out = {"served": sorted({(p.adapter_version, p.label) for p in stack.predictions()}), "ids": len(ids)}
+try:
+    stack.registry.promote(other)
+    out["promote"] = "accepted"
+except Exception as e:
+    out["promote"] = f"{type(e).__name__}: {e}"
+try:
+    Path(registry, "probe").write_bytes(b"x")
+    out["write"] = "accepted"
+except OSError as e:
+    out["write"] = e.strerror
+print(json.dumps(out))
+'''
+
+
+def test_a_worker_serves_from_a_read_only_registry_and_cannot_write_it(tmp_path: Path) -> None:
+    """The manifests mount the registry read-only for workers: the worker's whole read path (pointer,
+    signature check, fetch, serving) works on a read-only bind mount, and a write there fails."""
+    from pydantic import SecretStr
+
+    from loraloop.registry import make_registry
+    from loraloop.registry.signing import generate_key_pair
+    from loraloop.testing import build_constant_adapter, save_tiny_base_model
+
+    if os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("mount") is None:
+        pytest.skip("a read-only bind mount needs root, unshare and mount")
+    if subprocess.run(["unshare", "-m", "true"], capture_output=True, timeout=10).returncode != 0:
+        pytest.skip("no mount namespaces here (unshare -m refused)")
+    base = save_tiny_base_model(tmp_path / "base")
+    private, public = generate_key_pair(tmp_path / "keys")
+    settings = Settings(base_model=str(base), registry_url=str(tmp_path / "registry"), registry_pointer="file",
+                        registry_signing_key=SecretStr(str(private)), label_capacity=8)
+    publisher = make_registry(settings)  # the learner's side, read-write
+    labels = ["a", "b", "c"]
+    active = publisher.promote(publisher.publish(build_constant_adapter(settings, labels, "b", tmp_path / "b"))).version
+    other = publisher.publish(build_constant_adapter(settings, labels, "c", tmp_path / "c", seed=1))
+    (tmp_path / "worker").mkdir()
+    registry = str(tmp_path / "registry")
+    done = subprocess.run(
+        ["unshare", "-m", "sh", "-c", 'mount --bind -o ro "$1" "$1" && shift && exec "$@"', "sh", registry,
+         sys.executable, "-c", _READER, str(tmp_path / "worker"), str(base), registry, str(public), active, other],
+        capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["served"] == [[active, "b"]] and out["ids"] == 5
+    assert out["write"] == "Read-only file system"
+    assert out["promote"] != "accepted" and "read-only" in out["promote"].lower(), out["promote"]
+    assert publisher.active().version == active and not (tmp_path / "registry" / "probe").exists()

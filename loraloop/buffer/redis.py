@@ -39,13 +39,29 @@ STORED_AT = "_stored_at"  # field added to a reservoir entry: unix time it was s
 
 
 def connect(url: str):
-    """A redis-py client that retries briefly across connection loss (a Redis restart)."""
+    """A redis-py client that retries briefly across connection loss (a Redis restart), never a refused password."""
     import redis
     from redis.backoff import ExponentialBackoff
     from redis.retry import Retry
 
+    class _AuthRefused(redis.RedisError):
+        """Carries an AuthenticationError past the retry loop: redis-py files it under ConnectionError."""
+
+    class _RetryButAuth(Retry):
+        # A wrong password is a configuration error, not an outage: retrying it only delays the error.
+        def call_with_retry(self, do, fail, *args, **kwargs):
+            def once():
+                try:
+                    return do()
+                except redis.AuthenticationError as e:
+                    raise _AuthRefused(str(e)) from e
+            try:
+                return super().call_with_retry(once, fail, *args, **kwargs)
+            except _AuthRefused as e:
+                raise e.__cause__ from None
+
     return redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=3,
-                                retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 8),
+                                retry=_RetryButAuth(ExponentialBackoff(cap=1.0, base=0.05), 8),
                                 retry_on_error=[redis.ConnectionError, redis.TimeoutError])
 
 
