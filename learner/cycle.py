@@ -102,6 +102,10 @@ class CycleOutcome:
     candidate: dict = field(default_factory=dict)
     active: dict = field(default_factory=dict)
     train_loss: float | None = None
+    # learner_mode auto: the recipe this cycle kept and why (rows right of the selection rows per recipe)
+    recipe: str = ""
+    recipe_evidence: dict = field(default_factory=dict)
+    holdout_by_label: dict = field(default_factory=dict)  # label -> [rows the candidate got right, rows]
     window: tuple[float, float] = (0.0, 0.0)
     timings: dict = field(default_factory=dict)
     started_at: float = 0.0
@@ -129,6 +133,8 @@ class Learner:
         self.consumer_name = f"learner-{socket.gethostname()}-{id(self):x}"
         self._workdir = Path(tempfile.mkdtemp(prefix="loraloop-learner-"))
         self._requested = threading.Event()
+        self._drain_requested = threading.Event()
+        self._cycles_done = 0  # cycles the run loop has finished (drain() waits for the next one)
         self._busy = threading.Event()
         self._cycle_no = 0
         self._golden = _read_golden(settings.golden_path) if settings.golden_path else []
@@ -153,9 +159,24 @@ class Learner:
         """Start a cycle at the next tick (in-process ops trigger)."""
         self._requested.set()
 
+    def drain(self, timeout_s: float = 900.0) -> bool:
+        """Run one ``drain`` cycle on what is pending now (traffic has stopped) and wait for it to end.
+
+        For a caller that knows the stream has ended (the demo, benchmarks), instead of waiting
+        ``cycle_drain_s`` for the learner to notice. Returns False when no cycle ended in time.
+        """
+        done = self._cycles_done
+        self._drain_requested.set()
+        self._requested.set()
+        deadline = time.monotonic() + timeout_s
+        while self._cycles_done == done and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return self._cycles_done > done
+
     def run(self, stop: threading.Event) -> None:
         """Run cycles when due until ``stop`` is set; a failing cycle is logged and retried later."""
         last = time.monotonic()
+        quiet_since, last_pending = time.monotonic(), -1
         try:  # at start: a predecessor killed mid-cycle leaves no promoted version without its record
             self.recover()
         except Exception:  # the store may be down; every cycle starts by recovering again
@@ -169,14 +190,20 @@ class Learner:
                 stop.wait(5.0)
                 continue
             self.metrics.buffer_depth.set(pending)
-            trigger = due(time.monotonic(), last, pending, ops, self.settings.cycle_interval_s,
-                          self.settings.cycle_min_feedback)
+            if pending != last_pending:
+                quiet_since, last_pending = time.monotonic(), pending
+            s = self.settings
+            trigger = "drain" if ops and self._drain_requested.is_set() else \
+                due(time.monotonic(), last, pending, ops, s.cycle_interval_s, s.cycle_min_feedback,
+                    quiet_since, s.cycle_drain_s)
             if trigger is None:
                 stop.wait(LOOP_TICK_S)
                 continue
             self._requested.clear()
+            self._drain_requested.clear()
             self.run_cycle(trigger)
             last = time.monotonic()
+            self._cycles_done += 1
 
     def _take_ops(self) -> list[dict]:
         try:
@@ -259,7 +286,7 @@ class Learner:
         head_rows = self._head_rows(data, replayable)
         outcome.head_rows = len(head_rows)
         t.lap("build")
-        candidate, report = self._train(active_dir, label_map, data, head_rows)
+        candidate, report = self._train(active_dir, label_map, data, head_rows, data.holdout + ref_rows, outcome)
         outcome.train_loss, outcome.head_fit_s = report.final_loss, round(report.head_fit_s, 3)
         t.lap("train")
         decision = self._evaluate(candidate, label_map, active_model, active_map, data, ref_rows, ref_predicted,
@@ -424,7 +451,9 @@ class Learner:
         if active_model is None or not s.gate_enabled or s.screen_alpha <= 0:
             return ScreenResult()
         known = set(active_map.labels)
-        corrections = [e for e in examples if e.kind == "label" and e.label in known]
+        # Confirmations count too: then a label's honest contested share is the live version's error rate on
+        # it, the quantity its reference rows bound (corrections alone would depend on how often users confirm).
+        corrections = [e for e in examples if e.kind in ("label", "thumbs_up") and e.label in known]
         predicted = self._labels_of(active_model, active_map, [e.text for e in corrections])
         rows = [Judged(e.event_id, e.label, p) for e, p in zip(corrections, predicted, strict=True)]
         reference = [(r.label, p) for r, p in zip(ref_rows, ref_predicted, strict=True)]
@@ -456,20 +485,69 @@ class Learner:
         return head_fit_rows(data.train, replayable, s.head_fit_per_label)
 
     def _train(self, active_dir: Path | None, label_map: LabelMap, data: TrainingSet,
-               head_rows: list[Labelled]):
-        """Head refit on ``head_rows``, then LoRA + head fine-tuning on the training set.
+               head_rows: list[Labelled], selection: list[Labelled], outcome: CycleOutcome | None = None):
+        """The candidate of ``learner_mode``: head refit, LoRA fine-tuning, or (auto) the better of the two.
 
-        head_only stops after the refit. A refit from scratch each cycle lets young labels, first
-        seen with a handful of examples, improve as their examples accumulate in the reservoir;
-        refitting on the reservoir (not only this cycle's replay sample) keeps the old labels'
-        rows as good as the live head's.
+        head_only: a fresh adapter (LoRA delta zero: the frozen base encoder) whose head is refitted by
+        logistic regression on ``head_rows``. lora: the live adapter, its head refitted on ``head_rows``,
+        then LoRA + head fine-tuned on the training set. A refit from scratch each cycle lets young labels,
+        first seen with a handful of examples, improve as their examples accumulate in the reservoir;
+        refitting on the reservoir (not only this cycle's replay sample) keeps the old labels' rows as good
+        as the live head's.
+
+        auto trains both and keeps LoRA only when it gets more of ``selection`` (the holdout and reference
+        rows, which neither trained on) right; on a tie the head refit wins (cheaper, and LoRA fine-tuning
+        on a few hundred rows often only matches it: measured offline on Banking77 with 15 examples per
+        label, the head refit scored 0.878/0.877 and LoRA 0.884/0.882 on two seeds, while in the streaming
+        loop LoRA came out 2 points behind the head refit). The choice and its evidence go in the cycle record.
         """
+        mode = self.settings.learner_mode
+        if mode == "auto" and not selection:
+            mode = "lora"
+        if mode == "head_only":
+            return self._head_refit(active_dir, label_map, head_rows, data)
         model = self.trainer.model_for(active_dir, trainable=True)
         head_fit_s = self.trainer.fit_head(model, label_map, head_rows)
-        epochs = self.settings.epochs if self.settings.learner_mode == "lora" else 0
-        report = self.trainer.finetune(model, label_map, data.train, data.negatives, epochs,
+        report = self.trainer.finetune(model, label_map, data.train, data.negatives, self.settings.epochs,
                                        desc=f"cycle {self._cycle_no}")
         report.head_fit_s = head_fit_s
+        if mode == "lora":
+            if outcome is not None:
+                outcome.recipe = "lora"
+            return model, report
+        head_model, head_report = self._head_refit(active_dir, label_map, head_rows, data)
+        lora_right = sum(self.trainer.correct(model, label_map, selection))
+        head_right = sum(self.trainer.correct(head_model, label_map, selection))
+        keep_lora = lora_right > head_right
+        if outcome is not None:
+            outcome.recipe = "lora" if keep_lora else "head_only"
+            outcome.recipe_evidence = {"selection_rows": len(selection), "lora_right": lora_right,
+                                       "head_only_right": head_right}
+        if keep_lora:
+            report.head_fit_s += head_report.head_fit_s
+            return model, report
+        head_report.head_fit_s += head_fit_s
+        head_report.train_s, head_report.steps, head_report.final_loss = report.train_s, report.steps, report.final_loss
+        return head_model, head_report
+
+    def _head_refit(self, active_dir: Path | None, label_map: LabelMap, head_rows: list[Labelled],
+                    data: TrainingSet):
+        """The live adapter with its LoRA delta zeroed (the frozen base encoder), its head refitted on ``head_rows``.
+
+        Starting from the live adapter keeps the head rows of labels absent from ``head_rows``.
+        """
+        import torch
+
+        from learner.train import TrainReport
+
+        model = self.trainer.model_for(active_dir, trainable=True)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_B" in name:  # delta = B @ A: zero B, zero delta
+                    param.zero_()
+        report = TrainReport(examples=len(data.train))
+        report.head_fit_s = self.trainer.fit_head(model, label_map, head_rows)
+        model.eval()
         return model, report
 
     def _evaluate(self, candidate, label_map: LabelMap, active_model, active_map: LabelMap, data: TrainingSet,
@@ -486,6 +564,12 @@ class Learner:
             reference_ok = [p == r.label for p, r in zip(active_predicted, rows, strict=True)]
             act_scores, act_ok = self._scores(active_model, active_map, data, active_map, rows, reference_ok)
         outcome.candidate, outcome.active = cand_scores.as_dict(), (act_scores.as_dict() if act_scores else {})
+        by_label: dict[str, list[int]] = {}
+        for row, ok in zip(data.holdout, cand_ok["holdout"], strict=True):
+            tally = by_label.setdefault(row.label, [0, 0])
+            tally[0] += ok
+            tally[1] += 1
+        outcome.holdout_by_label = by_label
         if not s.gate_enabled:
             return GateDecision(True, "gate disabled")
         if act_ok is None:
@@ -518,7 +602,8 @@ class Learner:
     def _metadata(self, outcome: CycleOutcome, label_map: LabelMap, decision: GateDecision) -> dict:
         return {"trigger": outcome.trigger, "data_window": outcome.window, "examples": outcome.examples,
                 "evaluation": {"candidate": outcome.candidate, "active": outcome.active},
-                "train_loss": outcome.train_loss, "labels": len(label_map), "gate": decision.reason}
+                "train_loss": outcome.train_loss, "labels": len(label_map), "gate": decision.reason,
+                "recipe": outcome.recipe, "recipe_evidence": outcome.recipe_evidence}
 
     def _observe(self, outcome: CycleOutcome) -> None:
         m = self.metrics
@@ -551,10 +636,14 @@ class Learner:
             raise ValueError(f"{len(label_map)} labels exceed label_capacity {self.settings.label_capacity}")
         train = [r for i, r in enumerate(rows) if not is_reference(f"bootstrap-{i}", self.settings.reference_share)]
         data = TrainingSet(train=train)
-        model, report = self._train(None, label_map, data, train)
+        held = [r for i, r in enumerate(rows) if is_reference(f"bootstrap-{i}", self.settings.reference_share)]
+        outcome = CycleOutcome(trigger=reason, outcome="bootstrap")
+        model, report = self._train(None, label_map, data, train, held, outcome)
         folder = self.trainer.save(model, label_map, self._workdir / "bootstrap")
         version = self.registry.publish(folder, metadata={"trigger": reason, "examples": len(train),
-                                                          "train_loss": report.final_loss, "labels": len(label_map)})
+                                                          "train_loss": report.final_loss, "labels": len(label_map),
+                                                          "recipe": outcome.recipe,
+                                                          "recipe_evidence": outcome.recipe_evidence})
         self.registry.set_status(version, "candidate", {"bootstrap": reason})  # not "ok" if killed right here
         self.registry.promote(version, reason=reason)
         self.registry.set_status(version, "promoted", {"bootstrap": reason})

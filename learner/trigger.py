@@ -51,14 +51,29 @@ _SEEN_LIMIT = 10_000
 
 
 def due(now: float, last_cycle_at: float, pending: int, ops_requested: bool, interval_s: float,
-        min_feedback: int) -> str | None:
-    """The trigger that starts a cycle now, or None."""
+        min_feedback: int, quiet_since: float | None = None, drain_s: float = 0.0) -> str | None:
+    """The trigger that starts a cycle now, or None.
+
+    ``quiet_since``: when the buffer's pending count last changed. Once it has not changed for
+    ``drain_s`` (traffic paused) and something is pending, a ``drain`` cycle learns the tail that
+    would otherwise wait for the timer.
+
+    Example:
+        >>> due(100.0, 0.0, 5, False, 600.0, 200, quiet_since=60.0, drain_s=30.0)
+        'drain'
+        >>> due(100.0, 0.0, 5, False, 600.0, 200, quiet_since=80.0, drain_s=30.0) is None
+        True
+        >>> due(100.0, 0.0, 0, False, 600.0, 200, quiet_since=0.0, drain_s=30.0) is None
+        True
+    """
     if ops_requested:
         return "ops"
     if pending >= min_feedback:
         return "count"
     if now - last_cycle_at >= interval_s:
         return "timer"
+    if drain_s > 0 and pending > 0 and quiet_since is not None and now - max(quiet_since, last_cycle_at) >= drain_s:
+        return "drain"
     return None
 
 

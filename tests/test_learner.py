@@ -307,7 +307,8 @@ def test_without_a_golden_set_the_reference_set_rejects_poison(env_without_golde
     live = registry.active().version
     _feed(buffer, rng, "b" * 150, 1000, truth="a")  # every "a" text labelled "b"
     learner.settings = learner.trainer.settings = learner.settings.model_copy(
-        update={"epochs": 5, "head_learning_rate": 0.05, "screen_alpha": 0})  # learns the poison; the gate alone
+        update={"epochs": 5, "head_learning_rate": 0.05, "screen_alpha": 0,  # learns the poison; the gate alone
+                "learner_mode": "lora"})
     outcome = learner.run_cycle("count")
     assert outcome.outcome == "rejected" and "reference set" in outcome.reason, (outcome.candidate, outcome.reason)
     assert outcome.candidate["holdout"] > outcome.active["holdout"]  # the poisoned holdout alone would promote it
@@ -356,7 +357,7 @@ def test_reference_requests_are_never_trained_on() -> None:
 def test_the_head_is_refitted_on_the_reservoir_not_only_the_replay_sample(env, monkeypatch, replay_ratio: float,
                                                                          per_label: int) -> None:
     learner, buffer, *_ = env
-    learner.settings = learner.settings.model_copy(update={"replay_ratio": replay_ratio,
+    learner.settings = learner.settings.model_copy(update={"replay_ratio": replay_ratio, "learner_mode": "lora",
                                                            "head_fit_per_label": per_label})
     fitted, trained = [], []
     fit_head, finetune = learner.trainer.fit_head, learner.trainer.finetune
@@ -416,3 +417,78 @@ def test_ready_follows_the_buffer(env, monkeypatch) -> None:
 
     monkeypatch.setattr(buffer, "pending", down)
     assert not learner.ready()
+
+
+@pytest.mark.parametrize(("lora_right", "head_right", "kept"), [(5, 3, "lora"), (3, 5, "head_only"),
+                                                                (4, 4, "head_only")])
+def test_auto_keeps_lora_only_when_it_beats_the_head_refit(env, monkeypatch, lora_right: int, head_right: int,
+                                                           kept: str) -> None:
+    """learner_mode auto: both recipes score the holdout + reference rows; a tie goes to the head refit."""
+    learner, buffer, registry, *_ = env
+    assert learner.settings.learner_mode == "auto"  # the shipped default
+    finetune, correct = learner.trainer.finetune, learner.trainer.correct
+
+    def tuned(model, *args, **kwargs):
+        model._loraloop_tuned = True
+        return finetune(model, *args, **kwargs)
+
+    def scored(model, label_map, rows, among=None):
+        if among is None and len(rows) >= max(lora_right, head_right) and getattr(model, "_loraloop_selecting", 0):
+            right = lora_right if getattr(model, "_loraloop_tuned", False) else head_right
+            return [i < right for i in range(len(rows))]
+        return correct(model, label_map, rows, among)
+
+    monkeypatch.setattr(learner.trainer, "finetune", tuned)
+    monkeypatch.setattr(learner.trainer, "correct", scored)
+    refit = learner._head_refit
+    monkeypatch.setattr(learner, "_head_refit", lambda *a: _selecting(refit(*a)))
+    monkeypatch.setattr(learner.trainer, "fit_head", _marking(learner.trainer.fit_head))
+    _feed(buffer, random.Random(5), "ab" * 40, 0)
+    outcome = learner.run_cycle("count")
+    assert outcome.recipe == kept, outcome.recipe_evidence
+    evidence = outcome.recipe_evidence
+    assert (evidence["lora_right"], evidence["head_only_right"]) == (lora_right, head_right)
+    assert evidence["selection_rows"] == outcome.candidate["n_holdout"] + outcome.reference_rows
+    record = registry.cycles()[-1]
+    assert record["recipe"] == kept and record["recipe_evidence"] == evidence
+    if outcome.version:
+        assert registry.show(outcome.version).metadata["recipe"] == kept
+
+
+def _selecting(pair):
+    pair[0]._loraloop_selecting = 1
+    return pair
+
+
+def _marking(fit_head):
+    def inner(model, label_map, rows):
+        model._loraloop_selecting = 1
+        return fit_head(model, label_map, rows)
+    return inner
+
+
+def test_a_drain_cycle_learns_the_tail_once_feedback_stops() -> None:
+    from learner.trigger import due
+
+    # fewer than cycle_min_feedback examples pending, timer far away: only a pause in feedback starts a cycle
+    assert due(100.0, 0.0, 5, False, 600.0, 200, quiet_since=95.0, drain_s=30.0) is None
+    assert due(130.0, 0.0, 5, False, 600.0, 200, quiet_since=95.0, drain_s=30.0) == "drain"
+    assert due(130.0, 120.0, 5, False, 600.0, 200, quiet_since=95.0, drain_s=30.0) is None  # a cycle just ran
+    assert due(130.0, 0.0, 5, False, 600.0, 200, quiet_since=95.0, drain_s=0.0) is None  # off
+
+
+def test_drain_runs_one_cycle_on_what_is_pending_and_waits_for_it(env) -> None:
+    import threading
+
+    learner, buffer, registry, *_ = env
+    _feed(buffer, random.Random(3), "ab" * 10, 0)  # below cycle_min_feedback
+    stop = threading.Event()
+    thread = threading.Thread(target=learner.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        assert learner.drain(timeout_s=120)
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+    assert buffer.pending() == 0
+    assert registry.cycles()[-1]["trigger"] == "drain"
