@@ -115,6 +115,9 @@ class Settings(BaseSettings):
     # --- learner -----------------------------------------------------------------------
     cycle_interval_s: float = Field(600.0, gt=0, description="Start a learner cycle at least this often.")
     cycle_min_feedback: int = Field(200, ge=1, description="Start a cycle once this many new examples are buffered.")
+    cycle_drain_s: float = Field(30.0, ge=0, description="Start a cycle on fewer than cycle_min_feedback new examples "
+                                 "once no new feedback has arrived for this long (traffic paused: the tail of a "
+                                 "stream is learned too; 0: off).")
     cycle_max_feedback: int = Field(5000, ge=1, description="Most new examples one cycle claims from the buffer.")
     lora_r: int = Field(8, ge=1, description="LoRA rank.")
     lora_alpha: int = Field(16, ge=1, description="LoRA alpha.")
@@ -124,8 +127,9 @@ class Settings(BaseSettings):
     head_learning_rate: float = Field(2e-4, gt=0, description="AdamW learning rate of the head while fine-tuning "
                                       "(small: the head is first fitted by logistic regression on embeddings).")
     epochs: int = Field(2, ge=0, description="LoRA fine-tuning epochs per cycle (0: head fit only).")
-    learner_mode: str = Field("lora", description="lora (fit the head, then fine-tune LoRA + head) or head_only "
-                              "(encoder frozen, only the head refitted: the cheap baseline).")
+    learner_mode: str = Field("auto", description="auto (each cycle trains both recipes below and keeps LoRA only "
+                              "when it beats the head refit on the holdout and reference rows), lora (fit the head, "
+                              "then fine-tune LoRA + head) or head_only (encoder frozen, only the head refitted).")
     gate_enabled: bool = Field(True, description="Promote only candidates that pass the gate (off: promote every "
                                "candidate, for the naive baseline).")
     batch_size: int = Field(32, ge=1, description="Training batch size.")
@@ -188,8 +192,8 @@ class Settings(BaseSettings):
     @field_validator("learner_mode")
     @classmethod
     def _check_learner_mode(cls, value: str) -> str:
-        if value not in {"lora", "head_only"}:
-            raise ValueError(f"learner_mode must be 'lora' or 'head_only', got {value!r}")
+        if value not in {"auto", "lora", "head_only"}:
+            raise ValueError(f"learner_mode must be 'auto', 'lora' or 'head_only', got {value!r}")
         return value
 
     @field_validator("buffer_trim")
