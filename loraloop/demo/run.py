@@ -179,6 +179,10 @@ class Demo:
         stream = plan.stream(train, cfg.requests, cfg.seed)
         events = self.events = self._serve(stream, plan, labels)
         self._drain_feedback()
+        seen = len(self.registry.cycles())
+        if cfg.learn and not self.learner.drain():  # traffic has stopped: learn the stream's tail too
+            logger.warning("the learner's drain cycle did not end in time")
+        events.extend(self._cycle_events(seen))
         self.stop.set()
         for t in threads:
             t.join(timeout=900 if t.name == "learner" else 120)  # let a running cycle finish
