@@ -31,7 +31,6 @@ retried one record at a time so that only the offending record is refused.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import threading
 import time
@@ -468,17 +467,10 @@ class FeedbackIngester:
     def _letter(self, raw: bytes, error: InvalidMessage, record: Record | None) -> DeadLetter:
         """The dead letter of ``raw`` (redacted when ``redact_dead_letters`` is on); never raises."""
         topic, partition, offset = (record.topic, record.partition, record.offset) if record else ("direct", -1, -1)
-        redact = bool(getattr(self.settings, "redact_dead_letters", False))
+        redact = self.settings.redact_dead_letters
         try:
-            if redact and "redact" in inspect.signature(DeadLetter.of).parameters:
-                key = getattr(self.settings, "redaction_key", None)
-                key = key.get_secret_value() if hasattr(key, "get_secret_value") else (key or b"")
-                letter = DeadLetter.of(raw, error, topic, partition, offset, redact=True, key=key)
-                letter.to_bytes()
-                return letter
-            letter = DeadLetter.of(raw, error, topic, partition, offset)
-            if redact:  # the schema cannot redact yet: keep no user text at all
-                letter = letter.model_copy(update={"payload": ""})
+            letter = DeadLetter.of(raw, error, topic, partition, offset, redact=redact,
+                                   key=self.settings.redaction_key.get_secret_value())
             letter.to_bytes()  # it must serialize: a lone surrogate would raise only when sent
             return letter
         except Exception as e:  # noqa: BLE001 - a dead letter must always be sent

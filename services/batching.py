@@ -5,6 +5,9 @@ They live here so they can be unit-tested without a model or a broker:
 * :class:`BatchPolicy` — how long to keep polling for more requests once the first one
   of a micro-batch arrived (``max_batch`` records or ``max_wait_ms`` after the first,
   whichever comes first), and :func:`collect`, which applies it to any ``poll`` function.
+* :func:`isolate_failures` — when a batch step (tokenizer, forward pass) raises, which
+  requests made it raise: the batch is bisected until every failing request stands alone,
+  so one poison request costs about ``2 log2(n)`` extra calls and never its neighbours' answers.
 * :func:`plan_chunks` — how to split one micro-batch into forward passes. Dynamic
   padding pads every row to the longest one, so one long text in a batch of short
   ones multiplies the work. Sorting the batch by token length and cutting it where the
@@ -29,6 +32,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -108,6 +112,54 @@ def plan_chunks(lengths: Sequence[int], max_chunk: int, overhead_tokens: float) 
         j = cut[j]
     return chunks[::-1]
 
+
+def isolate_failures(items: Sequence[T], run: Callable[[list[T]], list[R]]
+                     ) -> tuple[list[tuple[T, R]], list[tuple[T, Exception]]]:
+    """Run ``items`` as one batch; when that raises, bisect until each failing item stands alone.
+
+    ``run`` maps a batch to one result per item, in order (a result list of another length
+    counts as a failure of that batch). Halves are retried independently, so the items that
+    do not make ``run`` raise all get their result: with ``f`` failing items among ``n`` the
+    cost is at most about ``2 f log2(n)`` extra calls, and ``2n - 1`` calls when every item fails.
+
+    Args:
+        items: the batch, in order.
+        run: the batch step (tokenize + forward pass); any ``Exception`` is caught, others propagate.
+
+    Returns:
+        ``(item, result)`` for the items that succeeded and ``(item, error)`` for those that
+        failed alone, each in the order of ``items``.
+
+    Example:
+        >>> def run(batch):
+        ...     if 3 in batch:
+        ...         raise ValueError("3 is poison")
+        ...     return [x * 10 for x in batch]
+        >>> done, failed = isolate_failures([1, 2, 3, 4], run)
+        >>> done, [(x, str(e)) for x, e in failed]
+        ([(1, 10), (2, 20), (4, 40)], [(3, '3 is poison')])
+    """
+    done: list[tuple[int, R]] = []
+    failed: list[tuple[int, Exception]] = []
+    pending: list[tuple[int, int]] = [(0, len(items))] if items else []  # [start, stop) slices still to run
+    while pending:
+        start, stop = pending.pop()
+        batch = list(items[start:stop])
+        try:
+            results = run(batch)
+            if len(results) != len(batch):
+                raise ValueError(f"batch step returned {len(results)} results for {len(batch)} items")
+        except Exception as e:
+            if stop - start == 1:
+                failed.append((start, e))
+            else:
+                middle = (start + stop) // 2
+                pending.extend([(middle, stop), (start, middle)])
+            continue
+        done.extend(zip(range(start, stop), results, strict=True))
+    done.sort(key=lambda pair: pair[0])
+    failed.sort(key=lambda pair: pair[0])
+    return [(items[i], r) for i, r in done], [(items[i], e) for i, e in failed]
 
 
 def collect(poll: Callable[[int, int], list[T]], policy: BatchPolicy, idle_ms: int,

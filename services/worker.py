@@ -11,10 +11,18 @@ requests are served again by whoever owns the partition next, so a prediction ca
 repeated: consumers of the predictions topic must treat ``request_id`` as an
 idempotency key (predictions are keyed by it, so repeats land on the same partition).
 
-Input never crashes the worker: malformed JSON, missing fields, wrong types, empty or
-over-long (bytes) text go to the dead-letter topic with their reason; a forward pass
-that raises dead-letters its batch with reason ``inference_error``. Texts longer than
-``max_tokens`` tokens are truncated and flagged (``Prediction.truncated``).
+No input stops the worker. Every per-record step has its own error boundary: decoding
+(malformed, oversize or too deeply nested JSON, invalid Unicode, missing fields, wrong
+types, empty or over-long text: :func:`loraloop.schemas.decode_request`), inference, and
+the serialization of the prediction and its request-log entry. A record that raises
+anything becomes a dead letter with its reason and its offset is committed with the
+batch. A tokenizer or forward pass that raises is retried on halves of the batch until
+each failing request stands alone (:func:`services.batching.isolate_failures`): only those
+are dead-lettered (``inference_error``), the others are answered. Anything else the loop
+meets is counted (``worker_loop_errors``) and the batch is served again; only ``stop``
+ends :meth:`InferenceWorker.run`. With ``redact_dead_letters`` a dead letter keeps its
+reason, detail and offset but only a keyed hash and the length of the refused record.
+Texts longer than ``max_tokens`` tokens are truncated and flagged (``Prediction.truncated``).
 
 Adapters: a background thread blocks on ``registry.wait_for_change`` (Redis pub/sub, or
 polling), fetches each newly active version (checksums verified by the registry) and
@@ -28,12 +36,14 @@ adapter is not ready and does not join the group: requests wait in the topic.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import shutil
 import tempfile
 import threading
 import time
+import traceback
 import zlib
 from collections import deque
 from dataclasses import dataclass
@@ -66,7 +76,7 @@ from loraloop.transport import (
     next_offsets,
 )
 from services.adapters import AdapterManager, PreparedAdapter
-from services.batching import BatchPolicy, collect, plan_chunks
+from services.batching import BatchPolicy, collect, isolate_failures, plan_chunks
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +86,8 @@ DELIVERY_TIMEOUT_S = 30.0
 LAG_EVERY_S = 5.0  # a Kafka lag lookup is a few round trips on the inference thread
 PING_CACHE_S = 2.0
 WATCH_TIMEOUT_S = 0.5  # longest block on the registry pointer: bounds how long close() waits for the watcher
+LOOP_ERROR_BACKOFF_S = 0.5  # after an unexpected loop error: do not spin on a bug
+MAX_LATENCY_S = 1e6  # a request's ts further in the past is the client's bug; latencies are clamped to it
 REQUEST_LOG_BACKOFF_S = 1.0  # after a failed write, skip the request log this long (do not slow every batch)
 # Fixed cost of one forward pass, in padded tokens, for splitting a batch by length (services.batching).
 # Measured for MiniLM on a CPU core: ~4.7 ms per call vs ~0.11 ms per token, i.e. ~40 tokens.
@@ -108,6 +120,44 @@ class _Outcome:
     label: str
     score: float
     top_k: list[TopLabel]
+
+
+@dataclass(frozen=True)
+class _Outgoing:
+    """One answered request, serialized inside its own error boundary."""
+
+    key: bytes
+    value: bytes
+    prediction: Prediction
+    served: ServedRequest
+
+
+def _describe(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"
+
+
+def _latency_ms(now: float, ts: float) -> float:
+    """Milliseconds since the request's ``ts``, clamped: a client's clock or ``ts`` can be anything,
+    and the prediction must stay finite (serializable) and the latency histogram sane."""
+    return round(min(max(0.0, now - ts), MAX_LATENCY_S) * 1000, 3)
+
+
+def _letter_bytes(letter: DeadLetter) -> bytes:
+    """A dead letter's bytes; if it cannot be serialized, the same letter without its payload.
+
+    ``DeadLetter.of`` already makes every field serializable: this is the last boundary, so
+    that no letter is ever dropped and no letter can stop the batch.
+    """
+    try:
+        return letter.to_bytes()
+    except Exception as e:
+        logger.error("dead letter (%s at %s/%d@%d) not serializable, sent without its payload: %s", letter.reason,
+                     letter.source_topic, letter.partition, letter.offset, _describe(e))
+        fallback = {"v": letter.v, "payload": "", "reason": letter.reason,
+                    "detail": f"dead letter not serializable ({_describe(e)}); payload dropped",
+                    "source_topic": letter.source_topic, "partition": letter.partition, "offset": letter.offset,
+                    "payload_bytes": letter.payload_bytes, "ts": letter.ts}
+        return json.dumps(fallback, default=str).encode("utf-8", errors="replace")
 
 
 class InferenceWorker:
@@ -160,6 +210,8 @@ class InferenceWorker:
         self._log_down_until = 0.0
         self._log_errors = RateLimitedLog(logger)
         self._transport_errors = RateLimitedLog(logger)
+        self._inference_errors = RateLimitedLog(logger)
+        self._loop_errors = RateLimitedLog(logger)
 
     # --- status ------------------------------------------------------------------------
     @property
@@ -264,7 +316,14 @@ class InferenceWorker:
         self.start()
         try:
             while not stop.is_set():
-                self.run_once()
+                try:
+                    self.run_once()
+                except Exception as e:  # a bug outside every per-record boundary: never let it end the loop
+                    self.metrics.worker_loop_errors.inc()
+                    self._loop_errors(logging.ERROR, "worker loop error, the batch will be served again: %s",
+                                      "".join(traceback.format_exception(e)))
+                    self._reset_clients()
+                    stop.wait(LOOP_ERROR_BACKOFF_S)
         finally:
             self.close()
 
@@ -302,38 +361,82 @@ class InferenceWorker:
                        IDLE_POLL_MS, time.monotonic)
 
     def _handle(self, records: list[Record]) -> None:
-        s, m = self.settings, self.metrics
+        """Serve one micro-batch: every record ends as one prediction or one dead letter, then commit.
+
+        Each per-record step (decode, inference, serialization) has its own error boundary, so
+        a record that raises anything becomes a dead letter with its reason and never stops the
+        loop; a batch step that raises is bisected so that only the requests that make it raise
+        are dead-lettered (``inference_error``) and the others are answered.
+        """
+        m = self.metrics
         m.requests_consumed.inc(len(records))
-        valid: list[tuple[Record, Request]] = []
         letters: list[DeadLetter] = []
+        valid: list[tuple[Record, Request]] = []
         for record in records:
             try:
-                valid.append((record, decode_request(record.value, s.max_text_bytes)))
+                valid.append((record, decode_request(record.value, self.settings.max_text_bytes)))
             except InvalidMessage as e:
-                letters.append(DeadLetter.of(record.value, e, record.topic, record.partition, record.offset))
-        predictions: list[Prediction] = []
-        if valid:
-            requests = [r for _, r in valid]
+                letters.append(self._letter(record, e))
+            except Exception as e:  # decode_request promises InvalidMessage only; the boundary holds regardless
+                letters.append(self._letter(record, InvalidMessage("decode_error", f"{type(e).__name__}: {e}")))
+        answered = self._infer(valid, letters)
+        outgoing: list[_Outgoing] = []
+        for record, request, prediction in answered:
             try:
-                predictions = self._predict(requests)
-            except Exception as e:  # a failing forward pass dead-letters its batch, never kills the loop
-                m.inference_errors.inc()
-                logger.exception("inference failed for a batch of %d requests", len(valid))
-                error = InvalidMessage("inference_error", f"{type(e).__name__}: {e}")
-                letters.extend(DeadLetter.of(rec.value, error, rec.topic, rec.partition, rec.offset)
-                               for rec, _ in valid)
-            else:
-                self._remember(predictions, requests)
-        if not self._deliver(predictions, letters):
+                outgoing.append(self._serialize(request, prediction))
+            except Exception as e:  # e.g. a field that cannot be encoded: dead-lettered, not fatal
+                letters.append(self._letter(record, InvalidMessage(
+                    "unserializable", f"prediction of {request.id!r} not serializable: {type(e).__name__}: {e}")))
+        self._remember([o.served for o in outgoing])
+        if not self._deliver(outgoing, letters):
             return  # not acknowledged: offsets stay uncommitted, the batch is served again
         # Counted once delivered, not once committed: a commit whose answer is lost may still have
         # landed, and then nothing is served again to be counted (a redelivery is served twice).
-        self._observe(predictions, letters)
+        self._observe([o.prediction for o in outgoing], letters)
         try:
             self._consumer.commit(next_offsets(records))
         except TransportError as e:  # rebalanced or broker gone: the next owner serves these again
             self._transport_errors(logging.WARNING, "commit refused (%s); the batch will be redelivered", e)
             self._reset_clients()
+
+    def _infer(self, valid: list[tuple[Record, Request]], letters: list[DeadLetter]
+               ) -> list[tuple[Record, Request, Prediction]]:
+        """Predictions for the decoded requests; those whose inference raises go to ``letters``."""
+        if not valid:
+            return []
+        self._shadow_out = {}
+        done, failed = isolate_failures(valid, lambda batch: self._predict([r for _, r in batch]))
+        if failed:
+            self.metrics.inference_errors.inc()
+            for (record, request), error in failed:
+                detail = self._error_detail(error, request)
+                self._inference_errors(logging.ERROR, "inference failed for request %r (%s/%d@%d), dead-lettered "
+                                       "(%d of %d in its batch): %s", request.id, record.topic, record.partition,
+                                       record.offset, len(failed), len(valid), detail)
+                letters.append(self._letter(record, InvalidMessage("inference_error", detail)))
+        return [(record, request, prediction) for (record, request), prediction in done]
+
+    def _serialize(self, request: Request, prediction: Prediction) -> _Outgoing:
+        """The bytes to produce for one prediction and its request-log entry; raises if either cannot be."""
+        shadow_version, shadow_label = self._shadow_out.get(prediction.request_id, (None, None))
+        served = ServedRequest(request_id=prediction.request_id, text=request.text, label=prediction.label,
+                               score=prediction.score, adapter_version=prediction.adapter_version,
+                               tenant=prediction.tenant, ts=prediction.ts, shadow_version=shadow_version,
+                               shadow_label=shadow_label)
+        served.to_bytes()  # the request log serializes it later, outside this record's boundary
+        return _Outgoing(prediction.request_id.encode("utf-8"), prediction.to_bytes(), prediction, served)
+
+    def _letter(self, record: Record, error: InvalidMessage) -> DeadLetter:
+        s = self.settings
+        return DeadLetter.of(record.value, error, record.topic, record.partition, record.offset,
+                             redact=s.redact_dead_letters, key=s.redaction_key.get_secret_value())
+
+    def _error_detail(self, error: Exception, request: Request) -> str:
+        """The dead-letter detail of a failed inference; the request's text is cut out of it when redacting."""
+        detail = _describe(error)
+        if self.settings.redact_dead_letters and request.text:
+            detail = detail.replace(request.text, "<text>")
+        return detail
 
     # --- inference -----------------------------------------------------------------------
     def _encode(self, texts: list[str]) -> tuple[list[list[int]], list[bool]]:
@@ -382,9 +485,9 @@ class InferenceWorker:
         self.metrics.inference_seconds.observe(elapsed)
         self.metrics.batch_size.observe(len(requests))
         now = time.time()
-        self._shadow_out = self._shadow_labels(requests, ids)
+        self._shadow_out.update(self._shadow_labels(requests, ids))
         return [Prediction(request_id=r.id, label=o.label, score=o.score, top_k=o.top_k, adapter_version=version,
-                           latency_ms=round(max(0.0, now - r.ts) * 1000, 3), truncated=cut, tenant=r.tenant, ts=now)
+                           latency_ms=_latency_ms(now, r.ts), truncated=cut, tenant=r.tenant, ts=now)
                 for r, o, cut in zip(requests, outcomes, truncated, strict=True)]
 
     def _shadow_labels(self, requests: list[Request], ids: list[list[int]]) -> dict[str, tuple[str, str]]:
@@ -412,24 +515,18 @@ class InferenceWorker:
         return out
 
     # --- side effects ----------------------------------------------------------------------
-    def _remember(self, predictions: list[Prediction], requests: list[Request]) -> None:
+    def _remember(self, served: list[ServedRequest]) -> None:
         """Write the request log before the predictions leave, so feedback on them can join.
 
         An unreachable log never stops serving: the failure is counted per request
         (``request_log_errors``), logged at most every 30 s, and the log is skipped for
         a second so that a dead Redis does not add its timeout to every batch.
         """
-        if not predictions:
+        if not served:
             return
         if time.monotonic() < self._log_down_until:
-            self.metrics.request_log_errors.inc(len(predictions))
+            self.metrics.request_log_errors.inc(len(served))
             return
-        shadow = self._shadow_out
-        served = [ServedRequest(request_id=p.request_id, text=r.text, label=p.label, score=p.score,
-                                adapter_version=p.adapter_version, tenant=p.tenant, ts=p.ts,
-                                shadow_version=shadow.get(p.request_id, (None, None))[0],
-                                shadow_label=shadow.get(p.request_id, (None, None))[1])
-                  for p, r in zip(predictions, requests, strict=True)]
         try:
             self.request_log.record(served)
         except Exception as e:  # BufferError, redis errors, anything: keep serving
@@ -438,20 +535,19 @@ class InferenceWorker:
             self._log_errors(logging.ERROR, "request log unavailable, serving without it "
                              "(feedback on these requests cannot be joined): %s", e)
 
-    def _deliver(self, predictions: list[Prediction], letters: list[DeadLetter]) -> bool:
+    def _deliver(self, outgoing: list[_Outgoing], letters: list[DeadLetter]) -> bool:
         """Produce the batch's records and wait for the broker's acknowledgement of each.
 
         Returns False when the broker did not acknowledge: the clients are rebuilt so the
         consumer resumes from the committed offsets and the batch is served again.
         """
-        if not predictions and not letters:
+        if not outgoing and not letters:
             return True
         s = self.settings
         try:
             producer = self._producer
-            futures: list[SendResult] = [producer.send(s.predictions_topic, p.to_bytes(), key=p.request_id.encode())
-                                         for p in predictions]
-            futures.extend(producer.send(s.dead_letter_topic, d.to_bytes()) for d in letters)
+            futures: list[SendResult] = [producer.send(s.predictions_topic, o.value, key=o.key) for o in outgoing]
+            futures.extend(producer.send(s.dead_letter_topic, _letter_bytes(d)) for d in letters)
             producer.flush(timeout=DELIVERY_TIMEOUT_S)
             for future in futures:
                 future.get(timeout=DELIVERY_TIMEOUT_S)

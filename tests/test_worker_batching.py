@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from services.batching import BatchPolicy, collect, plan_chunks
+from services.batching import BatchPolicy, collect, isolate_failures, plan_chunks
 
 
 def test_policy_waits_until_full_or_deadline() -> None:
@@ -110,3 +110,52 @@ def test_plan_chunks_edge_cases() -> None:
     assert plan_chunks([10, 10, 120], 8, 40.0) == [[0, 1], [2]]  # the long one alone: 60+160 < 40+360
     with pytest.raises(ValueError, match="max_chunk must be >= 1, got 0"):
         plan_chunks([1], 0, 1.0)
+
+
+class _Step:
+    """A batch step that raises when its batch holds a poison item, and counts its calls."""
+
+    def __init__(self, poison: set[int]) -> None:
+        self.poison, self.calls = poison, 0
+
+    def __call__(self, batch: list[int]) -> list[int]:
+        self.calls += 1
+        bad = self.poison & set(batch)
+        if bad:
+            raise RuntimeError(f"poison {sorted(bad)}")
+        return [x * 10 for x in batch]
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_isolate_failures_answers_every_innocent_item_and_isolates_each_poison(seed: int) -> None:
+    rng = random.Random(seed)
+    items = list(range(rng.randint(1, 40)))
+    poison = set(rng.sample(items, rng.randint(0, min(3, len(items)))))
+    step = _Step(poison)
+    done, failed = isolate_failures(items, step)
+    assert done == [(x, x * 10) for x in items if x not in poison]  # in order, each once
+    assert [x for x, _ in failed] == sorted(poison)
+    assert all(isinstance(e, RuntimeError) and f"poison [{x}]" == str(e) for x, e in failed)  # each failed alone
+    if not poison:
+        assert step.calls == 1
+    else:  # bisection: about 2 log2(n) calls per poison item, far fewer than one call per item
+        assert step.calls <= 1 + 2 * len(poison) * math.ceil(math.log2(max(2, len(items))))
+
+
+def test_isolate_failures_when_every_item_fails_or_the_step_miscounts() -> None:
+    step = _Step(set(range(8)))
+    done, failed = isolate_failures(list(range(8)), step)
+    assert done == [] and [x for x, _ in failed] == list(range(8)) and step.calls == 15  # 2n - 1
+    done, failed = isolate_failures([1, 2, 3], lambda batch: batch[:1])  # one result for many items
+    assert done == [(1, 1), (2, 2), (3, 3)] and failed == []  # alone, each result matches its item
+    done, failed = isolate_failures([1], lambda batch: [])
+    assert done == [] and "returned 0 results for 1 items" in str(failed[0][1])
+    assert isolate_failures([], _Step(set())) == ([], [])
+
+
+def test_isolate_failures_lets_keyboard_interrupt_through() -> None:
+    def interrupted(batch: list[int]) -> list[int]:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        isolate_failures([1, 2], interrupted)

@@ -19,7 +19,7 @@ from loraloop.buffer.memory import MemoryRequestLog
 from loraloop.metrics import Metrics
 from loraloop.model import ADAPTER_WEIGHTS, LABELS_FILE, load_base, load_tokenizer
 from loraloop.registry import RegistryError, make_registry
-from loraloop.schemas import DeadLetter, Prediction, Request
+from loraloop.schemas import DeadLetter, Prediction, Request, payload_digest
 from loraloop.settings import Settings
 from loraloop.testing import build_constant_adapter, save_tiny_base_model
 from loraloop.transport import TopicPartition, TransportError
@@ -310,7 +310,11 @@ def test_corrupted_or_unusable_versions_leave_the_worker_on_its_adapter(stack: S
     weights.write_bytes(bytes(data))
     too_wide = build_constant_adapter(stack.settings, LABELS, "c", stack.root / "wide", base=stack.base)
     (too_wide / LABELS_FILE).write_text(json.dumps({"labels": [f"l{i}" for i in range(9)]}))  # capacity is 8
-    too_wide_version = stack.registry.publish(too_wide)
+    with pytest.raises(RegistryError, match="9 labels, the head has 8 slots"):
+        stack.registry.publish(too_wide)  # refused at publication...
+    # ...so put it in through a registry configured for a wider head, as a misconfigured learner would
+    wide_registry = make_registry(stack.settings.model_copy(update={"label_capacity": 16}))
+    too_wide_version = wide_registry.publish(too_wide)
     with stack.worker() as worker:
         swap_to(worker, va)
         for n, bad in enumerate([corrupted, too_wide_version, "../../etc"], start=1):
@@ -451,3 +455,192 @@ def test_after_a_swap_the_replaced_adapter_shadow_scores_a_sample_for_the_guard(
     after = [p for p in stack.predictions() if not p.request_id.startswith("before")]
     assert len(after) == 250 and all(p.label == "b" and p.adapter_version == vb for p in after)  # served by b only
     assert all(stack.request_log.get(i).shadow_version is None for i in late)
+
+
+# --- no input stops a worker ----------------------------------------------------------------------------------
+
+POISON = {
+    "surrogate_text": b'{"id": "p-text", "text": "bad \\ud800 text"}',
+    "surrogate_tenant": b'{"id": "p-tenant", "text": "fine", "tenant": "\\udfff"}',
+    "deep_array": b"[" * 50_000 + b"]" * 50_000,
+    "huge_int": b'{"id": "p-int", "text": "x", "n": ' + b"9" * 5000 + b"}",
+    "nan_ts": b'{"id": "p-nan", "text": "x", "ts": NaN}',
+    "past_ts": b'{"id": "p-past", "text": "a request from long ago", "ts": -1e308}',  # valid: answered
+    "tombstone": None,  # a record with no value
+}
+
+
+def _run_in_thread(worker: InferenceWorker) -> tuple[threading.Thread, threading.Event]:
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run, args=(stop,), name="worker-under-test")
+    thread.start()
+    return thread, stop
+
+
+def _wait(done: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_poison_requests_become_dead_letters_and_the_worker_keeps_serving(stack: Stack) -> None:
+    stack.registry.promote(stack.publish(LABELS, "a"))
+    before = stack.requests(10, "before")
+    stack.send(list(POISON.values()))
+    after = stack.requests(10, "after")
+    worker = stack.worker()
+    thread, stop = _run_in_thread(worker)
+    try:
+        _wait(lambda: stack.committed() == stack.ends())
+        assert thread.is_alive()  # nothing but stop ends the loop
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+    served = {p.request_id: p for p in stack.predictions()}
+    assert set(served) == {*before, *after, "p-past"}
+    assert served["p-past"].latency_ms == 1e9  # clamped (MAX_LATENCY_S), finite: the prediction serialized
+    reasons = sorted(d.reason for d in stack.dead_letters())
+    assert reasons == sorted(["invalid_unicode", "invalid_unicode", "too_deep", "malformed_json", "wrong_type",
+                              "malformed_json"])
+    assert stack.sample("dead_letters_total", source="requests", reason="invalid_unicode") == 2
+    assert stack.sample("worker_loop_errors_total") == 0
+
+
+class _PoisonTokenizer:
+    """The real tokenizer, raising on any batch that holds a text containing ``poison`` (echoing the text)."""
+
+    def __init__(self, inner: object, poison: str) -> None:
+        self.inner, self.poison, self.calls = inner, poison, 0
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    def __call__(self, texts: list[str], **kwargs: object) -> object:
+        self.calls += 1
+        for text in texts:
+            if self.poison in text:
+                raise ValueError(f"cannot tokenize {text!r} (injected)")
+        return self.inner(texts, **kwargs)
+
+
+def _send_one_partition(stack: Stack, texts: list[str]) -> list[str]:
+    """Requests on one partition (same key), so that they arrive in one micro-batch."""
+    ids = [f"q{i}" for i in range(len(texts))]
+    for i, text in zip(ids, texts, strict=True):
+        stack.producer.send(stack.settings.requests_topic, Request(id=i, text=text).to_bytes(), key=b"same")
+    return ids
+
+
+def test_a_tokenizer_raising_on_one_text_dead_letters_only_that_request(stack: Stack) -> None:
+    stack.registry.promote(stack.publish(LABELS, "a"))
+    texts = [f"where is my card {i}" for i in range(8)]
+    texts[5] = "the tokenizer chokes on this text"
+    ids = _send_one_partition(stack, texts)
+    tokenizer = _PoisonTokenizer(stack.tokenizer, "chokes")
+    with stack.worker(tokenizer=tokenizer) as worker:
+        swap_to(worker, stack.registry.active().version)
+        serve_until(worker, lambda: stack.committed() == stack.ends())
+    assert sorted(p.request_id for p in stack.predictions()) == [i for i in ids if i != "q5"]  # 7 of 8 answered
+    [letter] = stack.dead_letters()
+    assert (letter.reason, json.loads(letter.payload)["id"]) == ("inference_error", "q5")
+    assert "ValueError: cannot tokenize 'the tokenizer chokes on this text'" in letter.detail
+    assert stack.sample("inference_errors_total") == 1  # one failing micro-batch
+    assert stack.sample("batch_size_count") >= 2  # the innocent halves went through separately
+    assert tokenizer.calls <= 1 + 2 * 3  # bisected (log2 8 = 3 levels), not one call per request
+
+
+def test_a_forward_pass_raising_on_one_request_dead_letters_only_that_request(stack: Stack,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    stack.registry.promote(stack.publish(LABELS, "b"))
+    texts = [f"exchange rate please {i}" for i in range(8)]
+    texts[2] = "xylophone quartz"
+    poison_ids = set(stack.tokenizer(texts[2])["input_ids"]) - set(stack.tokenizer(texts[0])["input_ids"])
+    assert poison_ids
+    ids = _send_one_partition(stack, texts)
+    with stack.worker() as worker:
+        swap_to(worker, stack.registry.active().version)
+        original = worker.manager.forward
+
+        def forward(input_ids, attention_mask):
+            if poison_ids & set(input_ids.flatten().tolist()):
+                raise RuntimeError("CUDA error: an illegal memory access was encountered (simulated)")
+            return original(input_ids, attention_mask)
+
+        monkeypatch.setattr(worker.manager, "forward", forward)
+        serve_until(worker, lambda: stack.committed() == stack.ends())
+    assert sorted(p.request_id for p in stack.predictions()) == [i for i in ids if i != "q2"]
+    assert {p.label for p in stack.predictions()} == {"b"}
+    [letter] = stack.dead_letters()
+    assert letter.reason == "inference_error" and "illegal memory access" in letter.detail
+    assert json.loads(letter.payload)["id"] == "q2"
+
+
+def test_a_prediction_that_cannot_be_serialized_is_dead_lettered(stack: Stack,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    stack.registry.promote(stack.publish(LABELS, "a"))
+    original = Prediction.to_bytes
+
+    def to_bytes(self: Prediction) -> bytes:
+        if self.request_id == "r0003":
+            raise ValueError("cannot encode (injected)")
+        return original(self)
+
+    monkeypatch.setattr(Prediction, "to_bytes", to_bytes)
+    ids = stack.requests(6)
+    with stack.worker() as worker:
+        serve_until(worker, lambda: stack.committed() == stack.ends())
+    assert sorted(p.request_id for p in stack.predictions()) == [i for i in ids if i != "r0003"]
+    [letter] = stack.dead_letters()
+    assert letter.reason == "unserializable" and "'r0003'" in letter.detail and "injected" in letter.detail
+    assert stack.request_log.get("r0003") is None and stack.request_log.get("r0000") is not None
+
+
+def test_an_unexpected_error_in_the_loop_is_counted_and_the_batch_served_again(stack: Stack,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    stack.registry.promote(stack.publish(LABELS, "a"))
+    worker = stack.worker()
+    original, failures = worker._observe, []
+
+    def observe(*args: object) -> None:
+        if not failures:
+            failures.append(1)
+            raise KeyError("a bug after delivery, before the commit (injected)")
+        original(*args)
+
+    monkeypatch.setattr(worker, "_observe", observe)
+    ids = stack.requests(20)
+    thread, stop = _run_in_thread(worker)
+    try:
+        _wait(lambda: stack.committed() == stack.ends() and {p.request_id for p in stack.predictions()} == set(ids))
+        assert thread.is_alive()
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+    assert failures and stack.sample("worker_loop_errors_total") == 1
+    assert len(stack.predictions()) > len(ids)  # the failed batch was not committed: served again
+
+
+def test_redacted_dead_letters_keep_no_user_text(tmp_path: Path, base_dir: Path,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    stack = Stack(tmp_path, base_dir, redact_dead_letters=True, redaction_key="s3cret")
+    stack.registry.promote(stack.publish(LABELS, "a"))
+    refused = [b'{"id": "x1", "text": "my iban is DE89 but no closing brace"', b'{"id": "x2", "text": "   "}']
+    stack.send(refused)
+    ids = _send_one_partition(stack, ["hello there", "my password is hunter2, it chokes"])
+    with caplog.at_level(logging.INFO), stack.worker(tokenizer=_PoisonTokenizer(stack.tokenizer, "chokes")) as worker:
+        serve_until(worker, lambda: stack.committed() == stack.ends())
+    assert [p.request_id for p in stack.predictions()] == [ids[0]]
+    assert any("inference failed for request 'q1'" in r.getMessage() for r in caplog.records)
+    assert not any("hunter2" in r.getMessage() for r in caplog.records)  # nor in the logs
+    letters = sorted(stack.dead_letters(), key=lambda d: d.reason)
+    assert [d.reason for d in letters] == ["empty_text", "inference_error", "malformed_json"]
+    raw_of = {"empty_text": refused[1], "malformed_json": refused[0],
+              "inference_error": next(v for v in stack.topic(stack.settings.requests_topic) if b'"q1"' in v)}
+    for letter in letters:
+        assert letter.payload == "" and letter.offset >= 0
+        assert letter.payload_bytes == len(raw_of[letter.reason])
+        assert letter.payload_digest == payload_digest(raw_of[letter.reason], b"s3cret")
+    body = b"".join(stack.topic(stack.settings.dead_letter_topic))
+    assert b"DE89" not in body and b"hunter2" not in body  # not in payloads, not in the echoed error either
+    assert "<text>" in letters[1].detail
