@@ -699,11 +699,14 @@ def aggregate(per_seed: dict[int, dict]) -> dict:
     sd: dict[str, float] = {}
     for key, value in first.items():
         values = [per_seed[s].get(key) for s in seeds]
-        if all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+        numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+        if numeric and len(values) > 1:
             out[key] = round(statistics.fmean(values), 4)
-            sd[key] = round(statistics.stdev(values), 4) if len(values) > 1 else 0.0
-        else:
+            sd[key] = round(statistics.stdev(values), 4)
+        else:  # one seed: the figure itself, its type kept (counts stay integers)
             out[key] = value
+            if numeric:
+                sd[key] = 0.0
     return {**out, "sd": sd, "seeds": seeds, "per_seed": [{"seed": s, **per_seed[s]} for s in seeds]}
 
 

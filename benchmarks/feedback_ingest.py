@@ -170,7 +170,7 @@ def bench_commands(n_keys: int, served_bytes: bytes, example_bytes: bytes, prefi
         "xlen": ["XLEN", f"{prefix}:stream"],
         "xadd": ["XADD", f"{prefix}:stream", "*", "e", example_bytes.decode()],
         "evalsha": ["-r", "1000000000", "EVAL", _APPEND_LUA, "2", f"{prefix}:seen:__rand_int__", f"{prefix}:stream",
-                    "604800", "1000000000", "reject", example_bytes.decode()],
+                    "604800", "1000000000", "reject", example_bytes.decode(), str(7 * 86400 * 1000), "learners"],
         "_fill": ["-r", str(n_keys), "SET", f"{prefix}:req:__rand_int__", served_bytes.decode(), "EX", "600"],
     }
 
