@@ -336,8 +336,8 @@ def _test_split(job: Job) -> tuple[list[tuple[str, str]], list[tuple[str, str]],
 
 
 def _offline(job: Job, train: list, negatives: list, test: list[tuple[str, str]], known: set[str],
-             epochs: int) -> dict:
-    """The better of LR on frozen embeddings and the learner's recipe (head fit + ``epochs`` LoRA epochs).
+             epochs: int, recipe: str) -> dict:
+    """The better of LR on frozen embeddings and head fit + ``epochs`` LoRA epochs (named ``recipe``).
 
     ``train``: Labelled rows; ``negatives``: Negative rows (the recipe's unlikelihood term uses them).
     """
@@ -368,7 +368,7 @@ def _offline(job: Job, train: list, negatives: list, test: list[tuple[str, str]]
         trainer.fit_head(model, label_map, train)
         trainer.finetune(model, label_map, train, [n for n in negatives if n.label in labels], epochs=epochs)
         predicted = [label_map.labels[i] for i in trainer.predict(model, [t for t, _ in test], len(label_map))]
-        candidates["learner_recipe" if negatives else "lora_finetune"] = {
+        candidates[recipe] = {
             **split_accuracy(predicted, truth, known), "seconds": round(time.perf_counter() - started, 1)}
     best = max(candidates, key=lambda name: candidates[name]["final_accuracy"])
     return {**{k: v for k, v in candidates[best].items() if k != "seconds"}, "method": best,
@@ -380,7 +380,8 @@ def run_oracle(job: Job) -> dict:
     from learner.dataset import Labelled
 
     train, test, known = _test_split(job)
-    return {"result": _offline(job, [Labelled(t, y) for t, y in train], [], test, known, epochs=1)}
+    return {"result": _offline(job, [Labelled(t, y) for t, y in train], [], test, known, epochs=1,
+                               recipe="lora_finetune")}
 
 
 def same_feedback_rows(bootstrap: list[tuple[str, str]], sent: list) -> tuple[list, list]:
@@ -413,7 +414,7 @@ def oracle_same_feedback(job: Job, bootstrap: list[tuple[str, str]], sent: list)
     """Offline, on exactly what the loop received (bootstrap rows + every feedback event), the same test rows."""
     _, test, known = _test_split(job)
     rows, negatives = same_feedback_rows(bootstrap, sent)
-    return _offline(job, rows, negatives, test, known, epochs=_settings(job).epochs)
+    return _offline(job, rows, negatives, test, known, epochs=_settings(job).epochs, recipe="learner_recipe")
 
 
 def set_aside_report(cycles: list[dict], claimed: dict[str, set[str]], sent: list, poisoned: set[str]) -> dict:
