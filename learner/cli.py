@@ -12,6 +12,7 @@ from pathlib import Path
 from loraloop import __version__
 from loraloop.cli import command
 from loraloop.metrics import Metrics, serve_http
+from loraloop.redact import mask_url
 from loraloop.runtime import stop_on_signals
 from loraloop.settings import Settings
 
@@ -66,7 +67,7 @@ def _run_learner(args: argparse.Namespace, settings: Settings) -> int:
     stop = threading.Event()
     stop_on_signals(stop, logger, "the learner stops after the current cycle")
     server = serve_http(metrics.registry, settings.metrics_port, ready=learner.ready) if settings.metrics_port else None
-    logger.info("learner up: registry %s, cycle every %.0fs or %d new examples", settings.registry_url,
+    logger.info("learner up: registry %s, cycle every %.0fs or %d new examples", mask_url(settings.registry_url),
                 settings.cycle_interval_s, settings.cycle_min_feedback)
     try:
         learner.run(stop)

@@ -239,8 +239,11 @@ class Settings(BaseSettings):
         return [m.strip() for m in self.lora_target_modules.split(",") if m.strip()]
 
     def describe(self) -> dict[str, object]:
-        """Settings as a dict for logs; secrets stay masked."""
-        return {k: (str(v) if isinstance(v, SecretStr) else v) for k, v in self.model_dump().items()}
+        """Settings as a dict for logs; secrets and the credentials in URLs stay masked."""
+        from loraloop.redact import mask_url
+
+        return {k: (str(v) if isinstance(v, SecretStr) else mask_url(v) if k.endswith("_url") else v)
+                for k, v in self.model_dump().items()}
 
 
 def configure_logging(settings: Settings) -> None:

@@ -15,6 +15,7 @@ import threading
 from loraloop import __version__
 from loraloop.cli import command
 from loraloop.metrics import Metrics, serve_http
+from loraloop.redact import mask_url
 from loraloop.runtime import stop_on_signals
 from loraloop.settings import Settings
 
@@ -38,7 +39,7 @@ def run_worker(args: argparse.Namespace, settings: Settings) -> int:
     worker = build_worker(settings, metrics=metrics)
     server = serve_http(metrics.registry, settings.metrics_port, ready=worker.ready) if settings.metrics_port else None
     logger.info("worker up: group %s, topic %s -> %s, registry %s", settings.worker_group,
-                settings.requests_topic, settings.predictions_topic, settings.registry_url)
+                settings.requests_topic, settings.predictions_topic, mask_url(settings.registry_url))
     try:
         worker.run(stop)
     finally:

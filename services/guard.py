@@ -51,6 +51,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
 from loraloop.metrics import Metrics
+from loraloop.redact import mask_url
 from loraloop.registry import ActivePointer, AdapterRegistry, RegistryError, make_registry
 from loraloop.settings import Settings
 from loraloop.stats import paired_worse_p_value, worse_p_value
@@ -463,8 +464,8 @@ def run_guard(args: argparse.Namespace, settings: Settings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, _frame: stop.set())
     server = serve_http(metrics.registry, settings.metrics_port, ready=guard.ready) if settings.metrics_port else None
-    logger.info("guard up: registry %s, prometheus %s, window %.0f s, %d judged, alpha %g", settings.registry_url,
-                settings.prometheus_url, settings.guard_window_s, settings.guard_min_judged, settings.guard_alpha)
+    logger.info("guard up: registry %s, prometheus %s, window %.0f s, %d judged, alpha %g",
+                mask_url(settings.registry_url), mask_url(settings.prometheus_url), settings.guard_window_s, settings.guard_min_judged, settings.guard_alpha)
     try:
         guard.run(stop)
     finally:
