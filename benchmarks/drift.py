@@ -305,7 +305,8 @@ def run_live(job: Job) -> dict:
             "screened_examples": sum(c.get("screened_examples", 0) for c in cycles),
             "gate_log": [{"version": c.get("version"), "outcome": c.get("outcome"), "reason": c.get("reason"),
                           "reference_rows": c.get("reference_rows"), "quarantined": c.get("quarantined", False),
-                          "screened": c.get("screened", {})} for c in cycles],
+                          "screened": c.get("screened", {}), "recipe": c.get("recipe"),
+                          "recipe_evidence": c.get("recipe_evidence")} for c in cycles],
         })
     if job.system != "static" and demo.guard is not None:
         result["guard_decisions"] = [{"version": e.version, "action": e.action, "reason": e.reason,
