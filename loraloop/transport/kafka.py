@@ -38,6 +38,9 @@ logger = logging.getLogger(__name__)
 _SESSION_TIMEOUT_MS_PRE_0_10_1 = 30_000
 _SESSION_TIMEOUT_MS = 10_000
 _HEARTBEAT_INTERVAL_MS = 1_000
+# A member that joined before its topic existed (auto-created by the first producer) is assigned nothing
+# until it sees the topic's partitions in fresh metadata: 5 s, not kafka-python's 5 minutes.
+_CONSUMER_METADATA_MAX_AGE_MS = 5_000
 _COMMIT_TIMEOUT_MS = 15_000
 _OFFSETS_TIMEOUT_MS = 10_000
 
@@ -187,6 +190,7 @@ class KafkaConsumerAdapter(Consumer):
                     *self._topics, group_id=self._group, enable_auto_commit=False, auto_offset_reset="earliest",
                     client_id=f"loraloop-{self._group}-{uuid.uuid4().hex[:6]}",
                     heartbeat_interval_ms=_HEARTBEAT_INTERVAL_MS, fetch_max_wait_ms=100,
+                    metadata_max_age_ms=_CONSUMER_METADATA_MAX_AGE_MS,
                     **_session_timeouts(self._settings), **client_config(self._settings))
             except KafkaError as e:
                 raise TransportError(f"cannot create a consumer of group {self._group} at "
