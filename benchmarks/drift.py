@@ -313,6 +313,11 @@ def run_live(job: Job) -> dict:
                                       "after_s": round(e.decided_at - e.promoted_at, 1)} for e in demo.guard.events]
     if job.system != "static":
         result.update(set_aside_report(cycles, demo.claimed, demo.sent_feedback, demo.observed.poisoned_events))
+        learned = requests_to_learn(demo.sent_feedback, demo.feedback_at, cycles, demo.events)
+        result["requests_to_learn"] = learned
+        waits = sorted(v for v in learned.values() if v is not None)
+        result["requests_to_learn_median"] = waits[len(waits) // 2] if waits else None
+        result["labels_never_learned"] = sorted(k for k, v in learned.items() if v is None)
     if job.poison:
         result.update(_poison_report(demo, job, cycles, summary["final_version"]))
     out_extra = {}
@@ -416,6 +421,38 @@ def oracle_same_feedback(job: Job, bootstrap: list[tuple[str, str]], sent: list)
     _, test, known = _test_split(job)
     rows, negatives = same_feedback_rows(bootstrap, sent)
     return _offline(job, rows, negatives, test, known, epochs=_settings(job).epochs, recipe="learner_recipe")
+
+
+def requests_to_learn(sent: list, sent_at: list[int], cycles: list[dict], events: list) -> dict[str, int | None]:
+    """Per label: requests from its first feedback to the first promoted version right on most of its holdout rows.
+
+    ``sent``/``sent_at``: every feedback event and the prediction index it judged; ``events``: (prediction
+    index, kind, version) of promotions as the stream saw them; None: never learned within the stream.
+
+    Example:
+        >>> from loraloop.schemas import FeedbackEvent
+        >>> sent = [(FeedbackEvent(event_id="e", request_id="r", kind="label", label="x"), "t", "y")]
+        >>> cycles = [{"version": "v2", "outcome": "promoted", "holdout_by_label": {"x": [0, 2]}},
+        ...           {"version": "v3", "outcome": "promoted", "holdout_by_label": {"x": [2, 3]}}]
+        >>> requests_to_learn(sent, [10], cycles, [(50, "promoted", "v2"), (90, "promoted", "v3")])
+        {'x': 80}
+    """
+    first: dict[str, int] = {}
+    for (event, _, served), index in zip(sent, sent_at, strict=True):
+        label = event.label if event.kind == "label" else served if event.kind == "thumbs_up" else None
+        if label is not None:
+            first.setdefault(label, index)
+    promoted_at = {version: index for index, kind, version in events if kind == "promoted"}
+    out: dict[str, int | None] = {}
+    for label, start in first.items():
+        out[label] = None
+        for cycle in cycles:
+            right, rows = (cycle.get("holdout_by_label") or {}).get(label, (0, 0))
+            at = promoted_at.get(cycle.get("version"))
+            if cycle.get("outcome") == "promoted" and rows and 2 * right > rows and at is not None and at >= start:
+                out[label] = at - start
+                break
+    return out
 
 
 def set_aside_report(cycles: list[dict], claimed: dict[str, set[str]], sent: list, poisoned: set[str]) -> dict:
@@ -523,7 +560,8 @@ def plot(path: Path, traces: dict[str, dict], oracle: float | None, window: int,
 
 def print_results(results: dict[str, dict]) -> None:
     columns = ["system", "final_accuracy", "final_accuracy_known", "final_accuracy_new", "forgetting",
-               "efficiency", "efficiency_new", "set_aside_honest", "requests_to_80pct_new", "promotions",
+               "efficiency", "efficiency_new", "set_aside_honest", "requests_to_80pct_new",
+               "requests_to_learn_median", "promotions",
                "rejections", "rollbacks", "learner_time_s", "live_accuracy"]
 
     def cell(figures: dict, key: str) -> object:

@@ -37,7 +37,7 @@ def _is_accuracy(value: object) -> bool:
 def test_drift_quick_reports_every_system(tmp_path: Path) -> None:
     data = _run("drift.py", tmp_path / "drift.json", "--poison", "--plot", str(tmp_path / "drift.png"))
 
-    assert {*LIVE, "oracle", "config", "machine", "poison"} <= set(data)
+    assert {*LIVE, "oracle", "oracle_same_feedback", "config", "machine", "poison"} <= set(data)
     for system in (*LIVE, "oracle"):
         figures = data[system]
         for key in ("final_accuracy", "final_accuracy_known", "final_accuracy_new"):
@@ -57,6 +57,14 @@ def test_drift_quick_reports_every_system(tmp_path: Path) -> None:
         assert all(d["action"] in ("keep", "rollback") and d["reason"] for d in decisions), decisions
         assert sum(d["action"] == "rollback" for d in decisions) >= figures["rollbacks"]
     assert "promotions" not in data["static"]  # the static baseline never learns
+    same = data["oracle_same_feedback"]  # offline on exactly what loraloop's run received
+    assert _is_accuracy(same["final_accuracy"]) and same["rows"] > 0
+    loop = data["loraloop"]
+    assert loop["efficiency"] == pytest.approx(loop["final_accuracy"] / same["final_accuracy"], abs=1e-3)
+    assert 0 <= loop["set_aside_honest"] <= loop["honest_corrections"]
+    assert loop["screened_honest"] + loop["quarantined_honest"] == loop["set_aside_honest"]
+    assert all(v is None or v >= 0 for v in loop["requests_to_learn"].values()) and loop["requests_to_learn"]
+    assert loop["per_seed"][0]["seed"] == data["config"]["seed"]
     assert data["oracle"]["final_accuracy"] > data["static"]["final_accuracy_new"]
     poison = data["poison"]
     assert _is_accuracy(poison["poisoned_final_accuracy"]) and _is_accuracy(poison["clean_final_accuracy"])
@@ -105,3 +113,20 @@ def test_feedback_ingest_quick_compares_with_redis_benchmark(tmp_path: Path) -> 
     assert data["redis_benchmark"]["event_equivalent_per_s_pipelined"] > 0
     assert 0 < data["ratio_pipelined"] < 100
     assert data["config"]["redis"]["appendfsync"] == "everysec"
+
+
+def test_drift_merge_combines_runs_split_by_seed_and_by_system() -> None:
+    sys.path.insert(0, str(BENCHMARKS))
+    from drift import merge_runs
+
+    def run(seed: int, **systems: float) -> dict:
+        return {name: {"final_accuracy": acc, "promotions": 3, "per_seed": [{"seed": seed, "final_accuracy": acc,
+                                                                             "promotions": 3}]}
+                for name, acc in systems.items()} | {"config": {"seed": seed}, "machine": {}}
+
+    merged = merge_runs([run(0, loraloop=0.80, head_only=0.78), run(1, loraloop=0.90), run(1, head_only=0.76)])
+    assert merged["loraloop"]["final_accuracy"] == pytest.approx(0.85)
+    assert merged["loraloop"]["sd"]["final_accuracy"] == pytest.approx(0.0707, abs=1e-4)
+    assert [r["seed"] for r in merged["head_only"]["per_seed"]] == [0, 1]
+    assert merged["head_only"]["final_accuracy"] == pytest.approx(0.77)
+    assert merged["config"]["seeds"] == [0, 1] and merged["config"]["merged_from"] == 3

@@ -114,6 +114,7 @@ class Demo:
         # the first adapter's rows, and every feedback event sent with the text and the label it judged.
         self.bootstrap_rows: list[tuple[str, str]] = []
         self.sent_feedback: list[tuple[FeedbackEvent, str, str]] = []  # (event, request text, served label)
+        self.feedback_at: list[int] = []  # the prediction index each of them judged
         self._texts: dict[str, str] = {}
 
     # --- set-up ----------------------------------------------------------------------
@@ -304,6 +305,7 @@ class Demo:
             producer.send(self.settings.feedback_topic, event.to_bytes(), key=prediction.request_id.encode())
             obs.feedback_events += 1
             self.sent_feedback.append((event, self._texts[prediction.request_id], prediction.label))
+            self.feedback_at.append(len(obs.correct) - 1)
             if users.poison_target is not None and label == users.poison_target != truth:
                 obs.poisoned_events.add(event.event_id)
 
