@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from loraloop.settings import Settings
+from loraloop.testing import save_tiny_base_model
 from tests.infra import InfraMissing, KafkaBroker, PrometheusServer, RedisServer, ServerDied
 
 torch.set_num_threads(1)  # tests share two cores
@@ -117,3 +118,9 @@ def tmp_settings(tmp_path: Path) -> Callable[..., Settings]:
         return Settings(**{"registry_url": str(tmp_path / "registry"), **overrides})
 
     return make
+
+
+@pytest.fixture(scope="session")
+def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random base model saved once for the session (tests that publish and serve tiny adapters)."""
+    return save_tiny_base_model(tmp_path_factory.mktemp("tiny") / "base")

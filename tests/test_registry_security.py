@@ -28,16 +28,11 @@ from loraloop.registry import AdapterRegistry, RegistryError, make_registry
 from loraloop.registry import checks as registry_checks
 from loraloop.registry.signing import SIGNATURE_FILE, generate_key_pair
 from loraloop.settings import Settings
-from loraloop.testing import build_constant_adapter, save_tiny_base_model
+from loraloop.testing import build_constant_adapter
 from tests.test_worker_memory import Stack, serve_until, swap_to
 
 torch.set_num_threads(1)
 LABELS = ["a", "b", "c"]
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_base_model(tmp_path_factory.mktemp("tiny") / "base")
 
 
 @pytest.fixture(scope="module")

@@ -19,18 +19,13 @@ import torch
 
 from loraloop.registry import AdapterRegistry, make_registry, pointer_key
 from loraloop.settings import Settings
-from loraloop.testing import build_constant_adapter, save_tiny_base_model
+from loraloop.testing import build_constant_adapter
 from tests.infra import RedisServer
 from tests.test_worker_memory import Stack, swap_to
 
 pytestmark = pytest.mark.integration
 torch.set_num_threads(1)
 LABELS = ["a", "b", "c"]
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_base_model(tmp_path_factory.mktemp("tiny") / "base")
 
 
 @pytest.fixture(scope="module")
