@@ -31,6 +31,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     send.add_argument("--request-id", required=True, help="Id of the served request the feedback is about.")
     send.add_argument("--kind", required=True, choices=["label", "thumbs_up", "thumbs_down"])
     send.add_argument("--label", default=None, help="The correct label (kind label only).")
+    send.add_argument("--source", default=None, help="Who gives the feedback (a user, client or annotator id): "
+                      "the learner caps each source's share of a cycle (optional).")
 
 
 def run_ingester(args: argparse.Namespace, settings: Settings) -> int:
@@ -73,9 +75,9 @@ def send_event(args: argparse.Namespace, settings: Settings) -> int:
         return 2
     with FeedbackClient(settings) as client:
         if args.kind == "label":
-            event = client.label(args.request_id, args.label)
+            event = client.label(args.request_id, args.label, source=args.source)
         else:
-            event = getattr(client, args.kind)(args.request_id)
+            event = getattr(client, args.kind)(args.request_id, source=args.source)
         client.flush()
     print(event.model_dump_json(exclude_none=True))
     return 0

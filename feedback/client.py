@@ -34,19 +34,20 @@ class FeedbackClient:
             self.transport, self.topic = source, topic or DEFAULT_TOPIC
         self._producer: Producer | None = None
 
-    def label(self, request_id: str, label: str, *, tenant: str | None = None) -> FeedbackEvent:
-        """The correct label of a served request."""
+    def label(self, request_id: str, label: str, *, tenant: str | None = None,
+              source: str | None = None) -> FeedbackEvent:
+        """The correct label of a served request; ``source``: who says so (a user, client or annotator id)."""
         if not label:
             raise ValueError(f"a label event needs a non-empty label, got {label!r}")
-        return self._send(request_id, "label", label, tenant)
+        return self._send(request_id, "label", label, tenant, source)
 
-    def thumbs_up(self, request_id: str, *, tenant: str | None = None) -> FeedbackEvent:
+    def thumbs_up(self, request_id: str, *, tenant: str | None = None, source: str | None = None) -> FeedbackEvent:
         """The served label was right."""
-        return self._send(request_id, "thumbs_up", None, tenant)
+        return self._send(request_id, "thumbs_up", None, tenant, source)
 
-    def thumbs_down(self, request_id: str, *, tenant: str | None = None) -> FeedbackEvent:
+    def thumbs_down(self, request_id: str, *, tenant: str | None = None, source: str | None = None) -> FeedbackEvent:
         """The served label was wrong."""
-        return self._send(request_id, "thumbs_down", None, tenant)
+        return self._send(request_id, "thumbs_down", None, tenant, source)
 
     def send(self, event: FeedbackEvent) -> FeedbackEvent:
         """Produce a ready-made event (sending the same event again is deduplicated by the ingester)."""
@@ -55,9 +56,10 @@ class FeedbackClient:
         self._producer.send(self.topic, event.to_bytes(), key=event.request_id.encode())
         return event
 
-    def _send(self, request_id: str, kind: FeedbackKind, label: str | None, tenant: str | None) -> FeedbackEvent:
+    def _send(self, request_id: str, kind: FeedbackKind, label: str | None, tenant: str | None,
+              source: str | None) -> FeedbackEvent:
         return self.send(FeedbackEvent(event_id=uuid.uuid4().hex, request_id=request_id, kind=kind, label=label,
-                                       tenant=tenant))
+                                       tenant=tenant, source=source))
 
     def flush(self, timeout: float | None = 30.0) -> None:
         """Block until every event sent so far is acknowledged (raises TransportError)."""

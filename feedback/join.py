@@ -121,7 +121,7 @@ def join(event: FeedbackEvent, served: ServedRequest | None, allowed: frozenset[
                        "thumbs_down": (None, served.label)}[event.kind]
     return Example(event_id=event.event_id, request_id=event.request_id, text=served.text, kind=event.kind,
                    label=label, negative_label=negative, served_label=served.label,
-                   adapter_version=served.adapter_version, ts=event.ts)
+                   adapter_version=served.adapter_version, source=event.source, ts=event.ts)
 
 
 def paired_judgement(example: Example, served: ServedRequest) -> tuple[bool, bool] | None:

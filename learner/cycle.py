@@ -52,6 +52,7 @@ from learner.dataset import (
 from learner.gate import GateDecision, Paired, Pairs, Scores, decide
 from learner.journal import Abandoned, Intent, Journal, Step, fault_point_from_env, roll_forward, stale
 from learner.screen import Judged, ScreenResult, screen
+from learner.sources import cap_sources, deferred_by_source
 from learner.train import Trainer, seed_everything
 from learner.trigger import OpsTriggers, due
 from loraloop.buffer import FeedbackBuffer, make_feedback_buffer
@@ -96,6 +97,7 @@ class CycleOutcome:
     screened_examples: int = 0  # of the claim: not trained on, kept out of the reservoir (learner.screen)
     screened_ids: list[str] = field(default_factory=list)  # their event ids, for the audit trail
     settled_examples: int = 0  # of the claim: trained on by an earlier (killed) cycle, acknowledged, not trained
+    deferred: dict = field(default_factory=dict)  # source -> examples put back for a later cycle (source cap)
     negatives: int = 0
     labels: int = 0
     new_labels: list[str] = field(default_factory=list)
@@ -137,6 +139,7 @@ class Learner:
         self._cycles_done = 0  # cycles the run loop has finished (drain() waits for the next one)
         self._busy = threading.Event()
         self._cycle_no = 0
+        self._deferred: list[Example] = []  # this cycle's examples over their source's cap (learner.sources)
         self._golden = _read_golden(settings.golden_path) if settings.golden_path else []
         self.last_outcome: CycleOutcome | None = None
 
@@ -231,6 +234,7 @@ class Learner:
         return outcome
 
     def _cycle(self, outcome: CycleOutcome) -> None:
+        self._deferred = []
         t = _Timer()
         self.recover()
         claimed_at = time.time()
@@ -255,6 +259,9 @@ class Learner:
                               f"{', '.join(cycles)}: acknowledged, not trained again")
             self._acknowledge(claim, None, settled, claimed_at)
             return
+        fresh, deferred = cap_sources(fresh, self.settings.source_max_share)
+        outcome.deferred = deferred_by_source(deferred)
+        self._deferred = deferred
         self._cycle_no += 1
         seed = self.settings.seed + self._cycle_no
         seed_everything(seed)
@@ -394,12 +401,18 @@ class Learner:
             screen_ids, gate_ids = screen_ids | s, gate_ids | g
         quarantine = screen_ids | gate_ids
         everything = {e.event_id for e in claim.examples}
-        if quarantine >= everything:
-            self.buffer.acknowledge(claim, remember=False)
+        deferred = {e.event_id for e in self._deferred} if intent is not None else set()
+        # Deferred examples stay in the buffer for a later cycle: not acknowledged, not remembered yet.
+        if quarantine >= everything - deferred:
+            self.buffer.acknowledge(claim, remember=False, release=deferred)
         else:
-            self.buffer.acknowledge(claim, remember=True, quarantine=quarantine)
+            self.buffer.acknowledge(claim, remember=True, quarantine=quarantine, release=deferred)
         self.step("acknowledge")
-        self.metrics.buffer_acknowledged.inc(len(claim.examples))
+        self.metrics.buffer_acknowledged.inc(len(claim.examples) - len(deferred))
+        if deferred:
+            self.metrics.feedback_deferred.labels(reason="source_cap").inc(len(deferred))
+            logger.warning("deferred %d examples over their source's share of the cycle to a later cycle "
+                           "(source: examples) %s", len(deferred), intent.outcome.get("deferred", {}))
         if settled:
             self.metrics.learner_recovery.labels(action="settled").inc(len(settled))
             logger.warning("acknowledged %d examples already trained on by the cycle(s) of claim %s, not trained "

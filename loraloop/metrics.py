@@ -98,6 +98,9 @@ class Metrics:
                                             "golden set) or screen (corrections the live version contests on a "
                                             "label far more than usual, not trained on).", ["reason"],
                                             namespace=ns, registry=r)
+        self.feedback_deferred = Counter("feedback_deferred", "Claimed examples put back into the buffer for a "
+                                         "later cycle, by reason: source_cap (their source was over its share of "
+                                         "the cycle).", ["reason"], namespace=ns, registry=r)
         self.buffer_acknowledged = Counter("buffer_acknowledged", "Examples acknowledged by the learner.",
                                            namespace=ns, registry=r)
         # --- learner ---------------------------------------------------------------
@@ -123,6 +126,15 @@ class Metrics:
         self.guard_decisions = Counter("guard_decisions", "Final rollback-guard decisions on promotions, by "
                                        "action (keep, rollback) and reason.", ["action", "reason"],
                                        namespace=ns, registry=r)
+        # --- request client and gateway ----------------------------------------------
+        self.predict_requests = Counter("predict_requests", "Requests sent by the request client (loraloop "
+                                        "predict, the gateway), by outcome (answered, dead_letter, timeout, "
+                                        "refused: not sent).", ["outcome"], namespace=ns, registry=r)
+        self.predict_in_flight = Gauge("predict_in_flight", "Requests the request client waits for.",
+                                       namespace=ns, registry=r)
+        self.gateway_http_requests = Counter("gateway_http_requests", "Requests to the HTTP gateway, by route "
+                                             "template and status code.", ["route", "code"], namespace=ns,
+                                             registry=r)
         self.build = Info("build", "loraloop version and process role.", namespace=ns, registry=r)
 
 
@@ -138,11 +150,12 @@ METRIC_NAMES = frozenset({
     "loraloop_paired_judged_total", "loraloop_buffer_depth", "loraloop_buffer_claimed_total",
     "loraloop_buffer_acknowledged_total", "loraloop_buffer_dropped_total", "loraloop_buffer_lost_total",
     "loraloop_buffer_durable", "loraloop_feedback_held", "loraloop_feedback_http_requests_total",
-    "loraloop_feedback_quarantined_total", "loraloop_learner_cycles_total",
+    "loraloop_feedback_quarantined_total", "loraloop_feedback_deferred_total", "loraloop_learner_cycles_total",
     "loraloop_learner_cycle_seconds", "loraloop_learner_recovery_total", "loraloop_learner_triggers_total",
     "loraloop_learner_last_cycle_timestamp_seconds", "loraloop_train_loss", "loraloop_eval_accuracy",
     "loraloop_promotions_total", "loraloop_rollbacks_total", "loraloop_build_info",
     "loraloop_guard_decisions_total",
+    "loraloop_predict_requests_total", "loraloop_predict_in_flight", "loraloop_gateway_http_requests_total",
 })
 
 

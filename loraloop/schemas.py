@@ -202,6 +202,9 @@ class FeedbackEvent(_Record):
     kind: FeedbackKind
     label: str | None = Field(None, max_length=MAX_ID_CHARS)
     tenant: str | None = Field(None, max_length=MAX_ID_CHARS)
+    # Who said it (a user, client or annotator id): optional; the learner caps how much of a cycle one
+    # source may contribute (``source_max_share``), which bounds any single source's influence.
+    source: str | None = Field(None, max_length=MAX_ID_CHARS)
     ts: float = Field(default_factory=time.time)
 
 
@@ -236,6 +239,7 @@ class Example(_Record):
     negative_label: str | None = None
     served_label: str
     adapter_version: str
+    source: str | None = None  # the feedback event's source, when it named one
     ts: float = Field(default_factory=time.time)
 
     @property

@@ -158,6 +158,9 @@ class Settings(BaseSettings):
                                 "stay out of the replay reservoir (0: off; off with the gate too).")
     screen_min_share: float = Field(0.5, gt=0, le=1, description="Least share of a label's corrections the live "
                                     "version must contest before the screen may flag the label.")
+    source_max_share: float = Field(0.5, gt=0, le=1, description="Most share of a cycle's claim one feedback source "
+                                    "(the events' optional source field) may contribute, never fewer than 20 "
+                                    "examples; the rest goes back to the buffer for later cycles (1: no cap).")
     seed: int = Field(0, description="Seed of training and sampling.")
 
     # --- metrics, health, guard --------------------------------------------------------

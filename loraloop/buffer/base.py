@@ -89,13 +89,17 @@ class FeedbackBuffer(abc.ABC):
         """Up to ``max_items`` unacknowledged examples (expired claims first)."""
 
     @abc.abstractmethod
-    def acknowledge(self, claim: Claim, remember: bool = True, quarantine: Collection[str] = ()) -> None:
+    def acknowledge(self, claim: Claim, remember: bool = True, quarantine: Collection[str] = (),
+                    release: Collection[str] = ()) -> None:
         """The cycle that used ``claim`` recorded its outcome: drop it, keep a replay sample.
 
         ``remember=False`` quarantines the claim: dropped without entering the replay
         reservoir (its candidate lost on data outside the claim, so the feedback is suspect).
         ``quarantine`` names event ids to drop that way while the rest of the claim is
-        remembered (examples the learner's screen found suspect).
+        remembered (examples the learner's screen found suspect). ``release`` names event ids
+        the cycle did not use (over their source's cap): they are not acknowledged but put back,
+        unclaimed, atomically with the acknowledgement of the rest, for a later claim; nothing of
+        them is remembered. A claim acknowledged already (or handed out again) releases nothing.
         """
 
     @abc.abstractmethod

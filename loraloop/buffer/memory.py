@@ -88,16 +88,22 @@ class MemoryFeedbackBuffer(FeedbackBuffer):
                 self._claims[claim_id] = (now, taken)
             return Claim(claim_id, [e for _, e in taken], tuple(i for i, _ in taken))
 
-    def acknowledge(self, claim: Claim, remember: bool = True, quarantine: Collection[str] = ()) -> None:
+    def acknowledge(self, claim: Claim, remember: bool = True, quarantine: Collection[str] = (),
+                    release: Collection[str] = ()) -> None:
         with self._lock:
             entry = self._claims.pop(claim.claim_id, None)
             if entry is None:
                 return  # already acknowledged, or expired and handed out again
-            for entry_id, _ in entry[1]:
-                self._appended_at.pop(entry_id, None)
+            released = set(release)
+            for entry_id, example in reversed(entry[1]):  # back at the front, in their order, with their age
+                if example.event_id in released:
+                    self._queue[entry_id] = example
+                    self._queue.move_to_end(entry_id, last=False)
+                else:
+                    self._appended_at.pop(entry_id, None)
             if not remember:
                 return  # quarantined
-            suspect = set(quarantine)
+            suspect = set(quarantine) | released
             for _, example in entry[1]:
                 if example.event_id not in suspect:
                     self._reservoir.offer(example, time.time())

@@ -152,6 +152,22 @@ redis.call('XADD', KEYS[2], '*', 'e', ARGV[4])
 return {'appended', dropped, expired}
 """
 
+# Acknowledge and delete the claim's entries (ARGV[3..2+n]); append the released ones (the rest of ARGV) again
+# when at least one entry was still this group's to acknowledge.
+_RELEASE_LUA = """
+local n, acked = tonumber(ARGV[2]), 0
+for first = 1, n, 1000 do  -- in slices: unpack() is bounded by Lua's C stack
+  local ids = {}
+  for i = first, math.min(n, first + 999) do ids[#ids + 1] = ARGV[2 + i] end
+  acked = acked + redis.call('XACK', KEYS[1], ARGV[1], unpack(ids))
+  redis.call('XDEL', KEYS[1], unpack(ids))
+end
+if acked > 0 then
+  for i = 3 + n, #ARGV do redis.call('XADD', KEYS[1], '*', 'e', ARGV[i]) end
+end
+return acked
+"""
+
 _TRIM_LUA = _EXPIRE_LUA + """
 return expire(KEYS[1], ARGV[2], tonumber(ARGV[1]))
 """
@@ -205,6 +221,7 @@ class RedisFeedbackBuffer(FeedbackBuffer):
         self._group_ready = False
         self._append_script = client.register_script(_APPEND_LUA)
         self._trim_script = client.register_script(_TRIM_LUA)
+        self._release_script = client.register_script(_RELEASE_LUA)
         self._durability: Durability | None = None
         self._dropped: Counter[str] = Counter()
         self._sweep_at = 0.0
@@ -298,14 +315,20 @@ class RedisFeedbackBuffer(FeedbackBuffer):
         return Claim(uuid.uuid4().hex, examples, ids)
 
     @_wrap("buffer acknowledge")
-    def acknowledge(self, claim: Claim, remember: bool = True, quarantine: Collection[str] = ()) -> None:
+    def acknowledge(self, claim: Claim, remember: bool = True, quarantine: Collection[str] = (),
+                    release: Collection[str] = ()) -> None:
         if not claim.ids:
             return
         self._ensure_group()
-        acked = self.client.xack(self.stream, GROUP, *claim.ids)
-        self.client.xdel(self.stream, *claim.ids)
+        released = set(release)
+        again = [e.to_bytes() for e in claim.examples if e.event_id in released]
+        # One script: the released examples are appended again only if this claim still held its entries,
+        # and never without the acknowledgement (a crash between the two would train them twice).
+        acked = int(self._release_script(keys=[self.stream], args=[GROUP, len(claim.ids), *claim.ids, *again]))
+        if again and acked:
+            self._confirm_durable()
         if acked and remember:
-            suspect = set(quarantine)
+            suspect = set(quarantine) | released
             for example in claim.examples:
                 if example.event_id not in suspect:
                     self._offer(example)

@@ -115,6 +115,33 @@ def test_quarantined_examples_of_a_claim_stay_out_of_the_reservoir(backend, requ
     assert sorted(e.event_id for e in buffer.replay_sample(10, seed=0)) == ["e0", "e2"]
 
 
+def test_released_examples_come_back_unclaimed_and_are_not_remembered(backend, request):
+    buffer, _ = _make(backend, request, replay_per_label=10)
+    for i in range(5):
+        buffer.append(_example(i, "a"))
+    claim = buffer.claim("l", 5)
+    buffer.acknowledge(claim, quarantine={"e0"}, release={"e1", "e3"})
+    assert (buffer.depth(), buffer.pending()) == (2, 2)  # waiting for the next claim, not held by this one
+    assert sorted(e.event_id for e in buffer.replay_sample(10, seed=0)) == ["e2", "e4"]
+    again = buffer.claim("l", 5)
+    assert sorted(e.event_id for e in again.examples) == ["e1", "e3"]
+    assert again.examples[0].text == claim.examples[1].text  # the example itself, not a stub
+    buffer.acknowledge(again)
+    assert (buffer.depth(), buffer.pending()) == (0, 0)
+    assert sorted(e.event_id for e in buffer.replay_sample(10, seed=0)) == ["e1", "e2", "e3", "e4"]
+
+
+def test_a_claim_acknowledged_twice_releases_nothing_twice(backend, request):
+    buffer, _ = _make(backend, request)
+    for i in range(3):
+        buffer.append(_example(i, "a"))
+    claim = buffer.claim("l", 3)
+    buffer.acknowledge(claim, release={"e2"})
+    buffer.acknowledge(claim, release={"e2"})  # a retried acknowledgement must not duplicate e2
+    assert (buffer.depth(), buffer.pending()) == (1, 1)
+    assert [e.event_id for e in buffer.claim("l", 3).examples] == ["e2"]
+
+
 def test_remember_seeds_the_reservoir_without_queueing(backend, request):
     buffer, _ = _make(backend, request)
     buffer.remember([_example(i, "ab"[i % 2]) for i in range(6)] + [_example(50, None, kind="thumbs_down")])
