@@ -350,8 +350,9 @@ def _offline(job: Job, train: list, negatives: list, test: list[tuple[str, str]]
     import torch
     from _oracle import embed
     from sklearn.linear_model import LogisticRegression
+    from transformers import set_seed
 
-    from learner.train import Trainer, seed_everything
+    from learner.train import Trainer
     from loraloop.model import LabelMap
 
     if job.threads:
@@ -367,7 +368,7 @@ def _offline(job: Job, train: list, negatives: list, test: list[tuple[str, str]]
                                          "seconds": round(time.perf_counter() - started, 1)}
     if job.oracle_finetune:
         started = time.perf_counter()
-        seed_everything(job.seed)
+        set_seed(job.seed)
         settings = settings.model_copy(update={"label_capacity": max(settings.label_capacity, len(labels))})
         trainer = Trainer(settings, show_progress=False)
         model, label_map = trainer.model_for(None, trainable=True), LabelMap(tuple(labels))

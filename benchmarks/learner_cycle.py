@@ -197,8 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     import torch
+    from transformers import set_seed
 
-    from learner.train import seed_everything
     from loraloop.model import load_base, load_tokenizer
     from loraloop.settings import Settings
 
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         base, tokenizer = load_base(settings), load_tokenizer(settings)
         for device in devices(args.devices):
             for size in args.sizes:
-                seed_everything(args.seed)
+                set_seed(args.seed)
                 print(f"one learner cycle: {size} buffered examples on {device}", flush=True)
                 cycles.append(time_cycle(settings, rows, size, device, tmp, base, tokenizer))
             texts = [t for t, _ in rows]

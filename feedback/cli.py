@@ -73,6 +73,11 @@ def send_event(args: argparse.Namespace, settings: Settings) -> int:
         print(f"loraloop feedback send: --label is required with --kind label and only then "
               f"(kind {args.kind!r}, label {args.label!r})", file=sys.stderr)
         return 2
+    if settings.transport == "memory":
+        print("loraloop feedback send: the in-memory transport lives inside one process, so no worker or ingester "
+              "would ever read this event; use --transport kafka (or LORALOOP_TRANSPORT=kafka) with "
+              "--kafka-bootstrap, or the feedback HTTP endpoint of `loraloop feedback run`", file=sys.stderr)
+        return 2
     with FeedbackClient(settings) as client:
         if args.kind == "label":
             event = client.label(args.request_id, args.label, source=args.source)

@@ -39,6 +39,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from transformers import set_seed
+
 from learner.dataset import (
     Labelled,
     TrainingSet,
@@ -53,7 +55,7 @@ from learner.gate import GateDecision, Paired, Pairs, Scores, decide
 from learner.journal import Abandoned, Intent, Journal, Step, fault_point_from_env, roll_forward, stale
 from learner.screen import Judged, ScreenResult, screen
 from learner.sources import cap_sources, deferred_by_source
-from learner.train import Trainer, seed_everything
+from learner.train import Trainer
 from learner.trigger import OpsTriggers, due
 from loraloop.buffer import FeedbackBuffer, make_feedback_buffer
 from loraloop.buffer.base import BufferError
@@ -264,7 +266,7 @@ class Learner:
         self._deferred = deferred
         self._cycle_no += 1
         seed = self.settings.seed + self._cycle_no
-        seed_everything(seed)
+        set_seed(seed)
         pointer = self.registry.active()
         active_dir = self._fetch(pointer.version) if pointer.version else None
         active_map = LabelMap.load(active_dir) if active_dir else LabelMap(())
@@ -642,7 +644,7 @@ class Learner:
         """
         if len(texts) != len(labels) or not texts:
             raise ValueError(f"bootstrap needs as many labels as texts (got {len(texts)} and {len(labels)})")
-        seed_everything(self.settings.seed)
+        set_seed(self.settings.seed)
         rows = [Labelled(t, y) for t, y in zip(texts, labels, strict=True)]
         label_map = LabelMap(tuple(dict.fromkeys(sorted(labels))))
         if len(label_map) > self.settings.label_capacity:

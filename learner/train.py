@@ -57,12 +57,6 @@ class TrainReport:
     train_s: float = 0.0
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-
-
 class Trainer:
     """Loads base + adapter models, trains, evaluates and saves adapters for one settings object."""
 

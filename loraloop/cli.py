@@ -17,7 +17,9 @@ from importlib.metadata import entry_points
 
 from pydantic import SecretStr, ValidationError
 
+from loraloop.buffer.base import BufferError
 from loraloop.settings import Settings, configure_logging
+from loraloop.transport.base import TransportError
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.handler(args, settings) or 0)
     except KeyboardInterrupt:
         return 130
-    except (ValueError, LookupError, OSError) as e:
+    except (ValueError, LookupError, OSError, TransportError, BufferError) as e:  # expected: one line, no traceback
         print(f"loraloop {args.command}: {e}", file=sys.stderr)
         return 1
 

@@ -7,7 +7,7 @@ Each field is read from a ``LORALOOP_<NAME>`` environment variable (for example
 from __future__ import annotations
 
 import logging
-import os
+import time
 from functools import cached_property
 from pathlib import Path
 
@@ -249,11 +249,48 @@ class Settings(BaseSettings):
                 for k, v in self.model_dump().items()}
 
 
+# kafka-python logs every reconnect attempt (several lines each, every backoff) while a broker is down, and
+# loraloop says the same once in its own words: kafka-python's errors get one line per message template and
+# interval, its warnings and info lines none.
+KAFKA_LOG_INTERVAL_S = 30.0
+
+
+class OncePerInterval(logging.Filter):
+    """Let through one record of loggers under ``prefix`` per (logger, level, message template) per ``interval_s``.
+
+    Example:
+        >>> f = OncePerInterval(60.0, prefix="kafka")
+        >>> r = logging.LogRecord("kafka.conn", logging.ERROR, "", 0, "Connection failed: %s", ("x",), None)
+        >>> other = logging.LogRecord("loraloop.worker", logging.ERROR, "", 0, "down", (), None)
+        >>> f.filter(r), f.filter(r), f.filter(other), f.filter(other), f.suppressed
+        (True, False, True, True, 1)
+    """
+
+    def __init__(self, interval_s: float, prefix: str) -> None:
+        super().__init__()
+        self.interval_s, self.prefix = interval_s, prefix
+        self._last: dict[tuple[str, int, str], float] = {}
+        self.suppressed = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(self.prefix):
+            return True
+        key = (record.name, record.levelno, str(record.msg))
+        now = time.monotonic()
+        if now - self._last.get(key, -self.interval_s) < self.interval_s:
+            self.suppressed += 1
+            return False
+        self._last[key] = now
+        return True
+
+
 def configure_logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=os.environ.get("LORALOOP_LOG_LEVEL", settings.log_level),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    """Root logging at ``log_level`` (already flag > environment > default); kafka-python's noise bounded."""
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kafka").setLevel(max(logging.ERROR, logging.getLogger().getEffectiveLevel()))
+    for handler in logging.getLogger().handlers:  # a handler's filter sees the records of every logger
+        if not any(isinstance(f, OncePerInterval) for f in handler.filters):
+            handler.addFilter(OncePerInterval(KAFKA_LOG_INTERVAL_S, prefix="kafka"))
 
 
 def settings_markdown() -> str:

@@ -15,6 +15,7 @@ offset.
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import uuid
 
@@ -72,7 +73,23 @@ def client_config(settings: Settings) -> dict[str, object]:
     return config
 
 
+def _listening(bootstrap: str, timeout_s: float = 2.0) -> bool:
+    """Whether any bootstrap address accepts a TCP connection (a broker or anything else)."""
+    for address in (a.strip() for a in bootstrap.split(",") if a.strip()):
+        host, _, port = address.rpartition(":")
+        try:
+            with socket.create_connection((host.strip("[]") or "localhost", int(port)), timeout=timeout_s):
+                return True
+        except (OSError, ValueError):
+            continue
+    return False
+
+
 def _connect_hint(settings: Settings) -> str:
+    """What to check: the address when nothing listens there, the API version when something does."""
+    if not _listening(settings.kafka_bootstrap):
+        return f" (nothing accepts connections at {settings.kafka_bootstrap}: is the broker running? " \
+               "check kafka_bootstrap)"
     if settings.kafka_api_version_tuple is None:
         return " (brokers older than 0.10 cannot negotiate a version: set kafka_api_version, e.g. 0.9)"
     return ""
