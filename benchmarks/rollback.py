@@ -1,6 +1,7 @@
-"""Benchmark: promote a bad adapter under load and time the rollback guard.
+"""Benchmark: promote a bad adapter under load and time the rollback guard; or A/A promotions (false rollbacks).
 
     python benchmarks/rollback.py --quick --out rollback.json
+    python benchmarks/rollback.py --aa 200 --window 3 --min-judged 20 --limit 30 --out rollback_aa.json
 
 One process runs an inference worker, the feedback ingester and the rollback guard on
 threads (embedded by default: in-memory transport, request log and buffer, a file
@@ -23,7 +24,16 @@ promoted. Reported (table and JSON):
 * ``requests``, ``failed`` (dead-lettered), ``lost`` (neither predicted nor dead-lettered);
 * ``bad_predictions_served``: predictions made by the bad adapter (``bad_wrong``: of them wrong).
 
-Goal: ``failed == lost == 0`` and ``rolled_back_after_s <= guard_window_s + one poll/scrape``.
+Goal: ``failed == lost == 0`` and ``detected_after_s <= 10``.
+
+``--aa N`` promotes, N times, a copy of the live adapter (the same files published again:
+identical weights, a new version id), each once the previous copy's probation has ended,
+under the same load. Every copy should be kept; reported: ``false_rollbacks`` (and their
+reasons), ``kept``, ``insufficient_evidence``, ``mean_s_to_keep`` (promotion to the keep
+decision), ``failed``, ``lost``. Goal: ``false_rollbacks <= 4`` for N = 200 at
+``guard_alpha = 0.01``, nothing failed or lost. ``--window``, ``--min-judged`` and
+``--limit`` shorten the probation (its window, its paired judgements, its limit) to make the
+run fast; they change how long each probation takes, not what decides it.
 """
 
 from __future__ import annotations
@@ -208,6 +218,8 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     overrides = {"base_model": _base_model(args.base_model, workdir), "label_capacity": 4,
                  "registry_url": str(workdir / "registry"), "guard_window_s": float(args.window or profile.guard_window_s),
                  "guard_min_judged": args.min_judged or profile.guard_min_judged, "guard_poll_s": args.poll,
+                 "guard_max_watch_s": float(args.limit or 3 * (args.window or profile.guard_window_s)),
+                 **({"guard_max_p99_ratio": args.p99_ratio} if args.p99_ratio else {}),
                  "adapter_poll_s": 0.2, "max_wait_ms": 5}
     env = Settings()
     infra = Infra(workdir) if args.infra else None
@@ -247,7 +259,7 @@ def _run(args: argparse.Namespace, settings: Settings, profile: Profile, workdir
     good_dir = build_constant_adapter(settings, LABELS, "yes", workdir / "good", base=base, seed=1)
     bad_dir = build_constant_adapter(settings, LABELS, "no", workdir / "bad", base=base, seed=2)
     good, bad = registry.publish(good_dir), registry.publish(bad_dir)
-    registry.promote(good, reason="benchmark: baseline")
+    registry.promote(good, reason="benchmark: baseline", probation=False)
 
     transport, request_log, buffer = _stores(settings)
     metrics = Metrics()
@@ -271,6 +283,32 @@ def _run(args: argparse.Namespace, settings: Settings, profile: Profile, workdir
     users_thread.start()
     print(f"baseline: {profile.baseline_s:.0f} s of {rate:.0f} req/s on the good adapter {good}", file=sys.stderr)
     time.sleep(profile.baseline_s)
+    if args.aa:
+        aa = _aa(args, registry, good_dir)
+
+        def finish() -> None:
+            users.drain_until = time.monotonic() + 60
+            users.stop.set()
+            users_thread.join(timeout=70)
+            stop.set()
+            for t in threads:
+                t.join(timeout=15)
+            if server is not None:
+                server.shutdown()
+
+        finish()
+        answered = set(users.predictions) | users.failed
+        result = {**aa, "requests": len(users.truth), "failed": len(users.failed),
+                  "lost": len(set(users.truth) - answered), "guard_window_s": settings.guard_window_s,
+                  "guard_min_judged": settings.guard_min_judged, "guard_max_watch_s": settings.guard_max_watch_s,
+                  "guard_alpha": settings.guard_alpha, "guard_poll_s": settings.guard_poll_s,
+                  "guard_max_p99_ratio": settings.guard_max_p99_ratio, "shadow_fraction": settings.shadow_fraction,
+                  "rate_per_s": rate, "feedback_share": args.feedback,
+                  "source": "prometheus" if settings.prometheus_url else "in-process", "transport": settings.transport}
+        allowed = max(1, round(4 * args.aa / 200))
+        result["goal_met"] = bool(result["failed"] == 0 and result["lost"] == 0
+                                  and result["false_rollbacks"] <= allowed)
+        return result
 
     promoted_at = registry.promote(bad, reason="benchmark: bad adapter").updated_at
     print(f"promoted the bad adapter {bad}; waiting for the guard (window {settings.guard_window_s:.0f} s, "
@@ -293,6 +331,36 @@ def _run(args: argparse.Namespace, settings: Settings, profile: Profile, workdir
     return _report(settings, users, guard, event, pointer, promoted_at, good, bad, rate, args)
 
 
+def _aa(args: argparse.Namespace, registry, folder: Path) -> dict[str, object]:
+    """Promote ``args.aa`` identical copies of the live adapter, one per ended probation; tally the decisions."""
+    decisions: list[dict] = []
+    for k in range(args.aa):
+        copy = registry.publish(folder, metadata={"benchmark": f"A/A copy {k}"})
+        pointer = registry.promote(copy, reason=f"benchmark: A/A copy {k}")
+        started = pointer.probation["started_at"] if pointer.probation else pointer.updated_at
+        deadline = time.monotonic() + registry.probation_terms.limit_s + 60
+        while time.monotonic() < deadline:
+            current = registry.probation()
+            if current is None or current.version != copy:
+                break
+            time.sleep(0.05)
+        ended = registry.last_probation()
+        if ended is None or ended.version != copy:
+            decisions.append({"version": copy, "decision": "none", "reason": "no decision", "s": None})
+        else:
+            decisions.append({"version": copy, "decision": ended.decision, "reason": ended.reason,
+                              "s": round(ended.decided_at - started, 3)})
+        print(f"A/A {k + 1}/{args.aa}: {decisions[-1]['decision']} ({decisions[-1]['reason']}) after "
+              f"{decisions[-1]['s']} s", file=sys.stderr)
+    keeps = [d["s"] for d in decisions if d["decision"] == "keep"]
+    rollbacks = [d for d in decisions if d["decision"] == "rollback"]
+    return {"aa_promotions": args.aa, "false_rollbacks": len(rollbacks),
+            "false_rollback_reasons": sorted({d["reason"] for d in rollbacks}),
+            "kept": len(keeps), "insufficient_evidence": sum(d["decision"] == "insufficient_evidence" for d in decisions),
+            "undecided": sum(d["decision"] not in {"keep", "rollback", "insufficient_evidence"} for d in decisions),
+            "mean_s_to_keep": round(sum(keeps) / len(keeps), 3) if keeps else None}
+
+
 def _report(settings: Settings, users: Users, guard, event, pointer, promoted_at: float, good: str, bad: str,
             rate: float, args: argparse.Namespace) -> dict[str, object]:
     rolled_back = event is not None and event.rolled_back and pointer.version == good
@@ -301,7 +369,6 @@ def _report(settings: Settings, users: Users, guard, event, pointer, promoted_at
     restored = [p.ts for p in users.predictions.values()
                 if p.adapter_version == good and rollback_at is not None and p.ts >= rollback_at]
     answered = set(users.predictions) | users.failed
-    interval = settings.guard_poll_s if not settings.prometheus_url else settings.guard_poll_s + 1.0
     result: dict[str, object] = {
         "detected_after_s": round(event.decided_at - promoted_at, 3) if event and event.action == "rollback" else None,
         "rolled_back_after_s": round(rollback_at - promoted_at, 3) if rollback_at else None,
@@ -313,6 +380,7 @@ def _report(settings: Settings, users: Users, guard, event, pointer, promoted_at
         "bad_wrong": sum(p.label != users.truth[p.request_id] for p in bad_preds),
         "reason": event.reason if event else None,
         "evidence_judged": event.evidence["new"]["judged"] if event else None,
+        "evidence_pairs": event.evidence["checks"]["correctness"].get("pairs") if event else None,
         "guard_window_s": settings.guard_window_s,
         "guard_min_judged": settings.guard_min_judged,
         "guard_alpha": settings.guard_alpha,
@@ -324,8 +392,9 @@ def _report(settings: Settings, users: Users, guard, event, pointer, promoted_at
         "base_model": args.base_model,
         "profile": "quick" if args.quick else "full",
     }
-    result["goal_met"] = bool(result["failed"] == 0 and result["lost"] == 0 and result["rolled_back_after_s"] is not None
-                              and result["rolled_back_after_s"] <= settings.guard_window_s + interval)
+    result["goal_met"] = bool(result["failed"] == 0 and result["lost"] == 0 and result["detected_after_s"] is not None
+                              and result["detected_after_s"] <= 10.0)
+    result["rolled_back_to"] = pointer.version if rolled_back else None
     return result
 
 
@@ -346,6 +415,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=float, default=0.0, help="guard_window_s (default: by profile)")
     parser.add_argument("--min-judged", type=int, default=0, help="guard_min_judged (default: by profile)")
     parser.add_argument("--poll", type=float, default=1.0, help="guard_poll_s")
+    parser.add_argument("--limit", type=float, default=0.0, help="guard_max_watch_s, the probation limit "
+                        "(default: three windows)")
+    parser.add_argument("--p99-ratio", type=float, default=0.0, help="guard_max_p99_ratio (default: the setting's)")
+    parser.add_argument("--aa", type=int, default=0, metavar="N",
+                        help="promote N identical copies of the live adapter instead of a bad one")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--metrics-port", type=int, default=0, help="serve /metrics here (for Prometheus)")
     parser.add_argument("--infra", action="store_true",
@@ -354,6 +428,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     result = run(args)
+    if args.aa:
+        result["profile"] = "quick" if args.quick else "full"
     print(_table(result))
     print(json.dumps(result, indent=2))
     if args.out:

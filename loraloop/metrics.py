@@ -46,6 +46,11 @@ class Metrics:
                                     namespace=ns, registry=r)
         self.inference_seconds = Histogram("inference_seconds", "Tokenize + forward time of one micro-batch.",
                                            buckets=LATENCY_BUCKETS, namespace=ns, registry=r)
+        self.worker_stage_seconds = Histogram("worker_stage_seconds", "Time one micro-batch spends in each worker "
+                                              "stage (poll, decode, tokenize, forward, encode, log, produce, "
+                                              "commit); decode+tokenize and encode..produce overlap the forward "
+                                              "passes of the neighbouring batches.", ["stage"],
+                                              buckets=LATENCY_BUCKETS, namespace=ns, registry=r)
         self.end_to_end_seconds = Histogram("end_to_end_seconds", "From request ts to its prediction produced.",
                                             ["adapter_version"], buckets=LATENCY_BUCKETS, namespace=ns, registry=r)
         self.consumer_lag = Gauge("consumer_lag", "Records behind the end of each owned partition.",
@@ -124,8 +129,16 @@ class Metrics:
         self.rollbacks = Counter("rollbacks", "Adapter rollbacks by reason.", ["reason"], namespace=ns, registry=r)
         # --- guard -----------------------------------------------------------------
         self.guard_decisions = Counter("guard_decisions", "Final rollback-guard decisions on promotions, by "
-                                       "action (keep, rollback) and reason.", ["action", "reason"],
+                                       "action (keep, rollback, insufficient_evidence) and reason.", ["action", "reason"],
                                        namespace=ns, registry=r)
+        self.guard_source_errors = Counter("guard_source_errors", "Guard polls that could not read the metric "
+                                           "source (Prometheus unreachable): no decision taken on them.",
+                                           namespace=ns, registry=r)
+        self.guard_conflicts = Counter("guard_conflicts", "Guard decisions refused because the probation had "
+                                       "already ended (another guard decided, or a promotion replaced it).",
+                                       namespace=ns, registry=r)
+        self.guard_probation_pairs = Gauge("guard_probation_pairs", "Paired judgements of the version on probation "
+                                           "so far (0: none on probation).", namespace=ns, registry=r)
         # --- request client and gateway ----------------------------------------------
         self.predict_requests = Counter("predict_requests", "Requests sent by the request client (loraloop "
                                         "predict, the gateway), by outcome (answered, dead_letter, timeout, "
@@ -142,6 +155,7 @@ class Metrics:
 METRIC_NAMES = frozenset({
     "loraloop_requests_consumed_total", "loraloop_requests_served_total", "loraloop_dead_letters_total",
     "loraloop_requests_truncated_total", "loraloop_batch_size", "loraloop_inference_seconds",
+    "loraloop_worker_stage_seconds",
     "loraloop_end_to_end_seconds", "loraloop_consumer_lag", "loraloop_active_adapter",
     "loraloop_adapter_swaps_total", "loraloop_swap_seconds", "loraloop_prediction_confidence",
     "loraloop_request_log_errors_total", "loraloop_inference_errors_total", "loraloop_worker_loop_errors_total",
@@ -154,7 +168,8 @@ METRIC_NAMES = frozenset({
     "loraloop_learner_cycle_seconds", "loraloop_learner_recovery_total", "loraloop_learner_triggers_total",
     "loraloop_learner_last_cycle_timestamp_seconds", "loraloop_train_loss", "loraloop_eval_accuracy",
     "loraloop_promotions_total", "loraloop_rollbacks_total", "loraloop_build_info",
-    "loraloop_guard_decisions_total",
+    "loraloop_guard_decisions_total", "loraloop_guard_source_errors_total", "loraloop_guard_conflicts_total",
+    "loraloop_guard_probation_pairs",
     "loraloop_predict_requests_total", "loraloop_predict_in_flight", "loraloop_gateway_http_requests_total",
 })
 
@@ -162,6 +177,7 @@ METRIC_NAMES = frozenset({
 class _Handler(BaseHTTPRequestHandler):
     registry: CollectorRegistry
     ready: Callable[[], bool]
+    reason: Callable[[], str | None]
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
         if self.path.startswith("/metrics"):
@@ -170,7 +186,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(200, b"ok\n", "text/plain")
         elif self.path.startswith("/readyz"):
             ok = bool(self.ready())
-            self._reply(200 if ok else 503, b"ready\n" if ok else b"not ready\n", "text/plain")
+            why = None if ok else self.reason()
+            body = b"ready\n" if ok else (f"not ready: {why}\n" if why else "not ready\n").encode()
+            self._reply(200 if ok else 503, body, "text/plain")
         else:
             self._reply(404, b"not found\n", "text/plain")
 
@@ -186,9 +204,10 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def serve_http(registry: CollectorRegistry, port: int, ready: Callable[[], bool] = lambda: True,
-               host: str = "0.0.0.0") -> ThreadingHTTPServer:
-    """Serve /metrics, /healthz (liveness) and /readyz (readiness) on a daemon thread."""
-    handler = type("Handler", (_Handler,), {"registry": registry, "ready": staticmethod(ready)})
+               host: str = "0.0.0.0", reason: Callable[[], str | None] = lambda: None) -> ThreadingHTTPServer:
+    """Serve /metrics, /healthz (liveness) and /readyz (readiness; ``reason`` says why not) on a daemon thread."""
+    handler = type("Handler", (_Handler,), {"registry": registry, "ready": staticmethod(ready),
+                                            "reason": staticmethod(reason)})
     server = ThreadingHTTPServer((host, port), handler)
     threading.Thread(target=server.serve_forever, name=f"metrics-{port}", daemon=True).start()
     logger.info("metrics, /healthz and /readyz on port %d", server.server_address[1])

@@ -61,6 +61,12 @@ class Settings(BaseSettings):
     max_batch: int = Field(32, ge=1, description="Most requests in one micro-batch.")
     max_wait_ms: int = Field(5, ge=0, description="Longest wait to fill a micro-batch after its first request.")
     adapter_poll_s: float = Field(0.5, gt=0, description="Fallback polling period for the active adapter pointer.")
+    batch_limit: int = Field(0, ge=0, description="Most requests in one micro-batch while a backlog waits (the "
+                             "batch grows from max_batch with the backlog up to this; 0: 8 x max_batch on a CPU, "
+                             "where forward passes stay at most max_batch rows split by length, and a limit derived "
+                             "from free memory on an accelerator).")
+    inference_dtype: str = Field("auto", description="Worker inference precision: auto (bf16 autocast on a CUDA "
+                                 "device that supports it, else fp32), fp32 or bf16 (CUDA only).")
     redact_dead_letters: bool = Field(False, description="Dead letters (worker and feedback ingester) drop the "
                                       "refused record's text and keep only its keyed hash and length, with the "
                                       "reason, detail and offset.")
@@ -182,6 +188,11 @@ class Settings(BaseSettings):
                                    "the replaced adapter (while the guard may watch), so the guard compares both on the "
                                    "same traffic; 0: off.")
     guard_poll_s: float = Field(5.0, gt=0, description="How often the guard reads its metric source.")
+    guard_probation: bool = Field(True, description="Every promotion over another version serves on probation until "
+                                  "the guard keeps it, rolls it back or guard_max_watch_s passes (the learner holds newer "
+                                  "candidates meanwhile); false: promotions are final at once.")
+    guard_keep_margin: float = Field(0.02, ge=0, lt=1, description="A version on probation is kept only if, on its paired "
+                                     "judgements, the replaced adapter was right at most this share of them more often.")
 
     log_level: str = Field("INFO", description="Python logging level.")
 
@@ -204,6 +215,13 @@ class Settings(BaseSettings):
     def _check_trim(cls, value: str) -> str:
         if value not in {"reject", "drop_oldest"}:
             raise ValueError(f"buffer_trim must be 'reject' or 'drop_oldest', got {value!r}")
+        return value
+
+    @field_validator("inference_dtype")
+    @classmethod
+    def _check_inference_dtype(cls, value: str) -> str:
+        if value not in {"auto", "fp32", "bf16"}:
+            raise ValueError(f"inference_dtype must be auto, fp32 or bf16, got {value!r}")
         return value
 
     @field_validator("registry_pointer")

@@ -23,6 +23,7 @@ from loraloop.model import LABELS_FILE
 from loraloop.redact import mask_url
 from loraloop.registry import AdapterRegistry, RegistryError, check_version_name
 from loraloop.registry.checks import read_regular_file
+from loraloop.registry.probation import probation_status
 from loraloop.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -46,8 +47,8 @@ def collect_status(registry: AdapterRegistry, buffer: FeedbackBuffer | None = No
 
     Returns:
         A JSON-serializable dict: ``registry``, ``redis``, ``active``, ``generation``, ``reason``,
-        ``updated_at``, ``history`` (oldest first), ``versions`` (count), ``probation`` (None until
-        the registry keeps a probation state), ``last_cycles`` (newest last: trigger, duration,
+        ``updated_at``, ``history`` (oldest first), ``versions`` (count), ``probation`` (see
+        :func:`loraloop.registry.probation.probation_status`; None when nothing was on probation), ``last_cycles`` (newest last: trigger, duration,
         outcome and the gate's reason), ``learning_curve`` (per evaluated cycle, the candidate's
         and the live version's holdout and reference accuracy) and ``buffer`` (``depth``: examples
         not yet acknowledged by the learner, or ``error`` when the buffer does not answer).
@@ -63,7 +64,7 @@ def collect_status(registry: AdapterRegistry, buffer: FeedbackBuffer | None = No
         "updated_at": pointer.updated_at or None,
         "history": list(pointer.history),
         "versions": len(registry.versions()),
-        "probation": None,
+        "probation": probation_status(registry),
         "last_cycles": [_cycle(c) for c in cycles[-last_cycles:]] if last_cycles > 0 else [],
         "learning_curve": _curve(cycles),
         "buffer": _buffer(buffer),

@@ -13,13 +13,15 @@ inside the buckets the way PromQL's ``histogram_quantile`` does, low-confidence 
 at ``settings.guard_low_confidence``). So the embedded demo and production decide on
 exactly the same quantities.
 
-* :class:`PrometheusSource` reads ``sum(...)`` instant queries through ``/api/v1/query``,
-  evaluated at the promotion time and now (``time=`` parameter). Differences of two
-  readings are exact for counter series that exist over the whole window; unlike
-  ``increase()`` they also count what a brand-new version's series held at its first
-  scrape (a new version's first scrape is the start of its evidence). A worker that
-  restarts or disappears inside the window makes its counts shrink: deltas are clamped
-  at zero, so that only makes the guard wait longer.
+* :class:`PrometheusSource` reads every series of each metric through ``/api/v1/query``
+  instant queries, evaluated at the promotion time and now (``time=`` parameter), and takes
+  the difference *per series* (:meth:`Reading.since`): a series born inside the window counts
+  whole (a new version's first scrape is the start of its evidence), and a series that went
+  down is a counter reset (a worker restarted): only what it counted since its restart is
+  taken. Summing first and differencing after would mix a restarted worker's lost total into
+  every other worker's increase (a dead-letter share read against a shrunken consumed count is
+  a false regression). A worker that disappears inside the window only takes its evidence
+  with it: the guard waits longer.
 * :class:`InProcessSource` reads a ``CollectorRegistry`` (the demo's one process); it keeps
   readings taken when the guard first saw a promotion (:meth:`MetricSource.begin`) and
   answers earlier times with the nearest earlier reading (zero before the first).
@@ -115,6 +117,51 @@ class Counts:
                       sub_buckets(self.confidence, earlier.confidence), sub_buckets(self.paired, earlier.paired))
 
 
+SeriesKey = tuple[tuple[str, str], ...]  # a series' labels (bucket ``le`` and paired ``outcome`` included)
+_SCALARS = ("judged", "correct", "served", "consumed", "dead_letters")
+_GROUPED = {"latency": "le", "confidence": "le", "paired": "outcome"}  # field -> the label it is summed by
+
+
+@dataclass(frozen=True)
+class Reading:
+    """Cumulative values of every series at one time: field of :class:`Counts` -> {series labels -> value}."""
+
+    values: Mapping[str, Mapping[SeriesKey, float]] = field(default_factory=dict)
+
+    def total(self) -> Counts:
+        """The readings summed over series (what ``sum(...)`` would answer)."""
+        return _to_counts({name: dict(series) for name, series in self.values.items()})
+
+    def since(self, earlier: Reading) -> Counts:
+        """What happened between ``earlier`` and this reading, differenced per series.
+
+        A series absent from ``earlier`` counts whole (born since); a series lower than in
+        ``earlier`` was reset (its process restarted) and counts what it holds now.
+        """
+        out: dict[str, dict[SeriesKey, float]] = {}
+        for name, series in self.values.items():
+            before = earlier.values.get(name, {})
+            deltas: dict[SeriesKey, float] = {}
+            for key, value in series.items():
+                then = before.get(key)
+                deltas[key] = value if then is None or value < then else value - then
+            out[name] = deltas
+        return _to_counts(out)
+
+
+def _to_counts(values: Mapping[str, Mapping[SeriesKey, float]]) -> Counts:
+    scalars = {name: float(sum(values.get(name, {}).values())) for name in _SCALARS}
+    grouped: dict[str, dict] = {}
+    for name, label in _GROUPED.items():
+        sums: dict = {}
+        for key, value in values.get(name, {}).items():
+            raw = dict(key).get(label, "")
+            group = float(raw) if label == "le" else raw
+            sums[group] = sums.get(group, 0.0) + value
+        grouped[name] = sums
+    return Counts(**scalars, **grouped)
+
+
 def bucket_quantile(q: float, buckets: Mapping[float, float]) -> float | None:
     """``histogram_quantile`` on cumulative buckets: linear inside the bucket holding rank ``q``.
 
@@ -190,12 +237,16 @@ class MetricSource(abc.ABC):
         self.lookback_s = lookback_s
 
     @abc.abstractmethod
-    def counts(self, version: str, at: float | None = None) -> Counts:
-        """Cumulative counts of ``version`` (and the unversioned totals) at unix time ``at`` (None: now).
+    def reading(self, version: str, at: float | None = None) -> Reading:
+        """Cumulative values of every series of ``version`` (and the unversioned ones) at unix time ``at`` (None: now).
 
         Raises:
             SourceError: the source cannot be read.
         """
+
+    def counts(self, version: str, at: float | None = None) -> Counts:
+        """The :meth:`reading` summed over series."""
+        return self.reading(version, at).total()
 
     def begin(self, version: str, previous: str | None, since_ts: float) -> None:
         """Called when the guard starts watching a promotion (sources that cannot look back record now)."""
@@ -207,12 +258,12 @@ class MetricSource(abc.ABC):
 
     def stats(self, version: str, since_ts: float) -> VersionStats:
         """What ``version`` did since ``since_ts`` (its promotion)."""
-        window = self.counts(version).minus(self.counts(version, since_ts))
+        window = self.reading(version).since(self.reading(version, since_ts))
         return to_stats(version, window, self.low_confidence)
 
     def baseline(self, version: str, until_ts: float) -> VersionStats:
         """What ``version`` did in the ``lookback_s`` before ``until_ts`` (the promotion that replaced it)."""
-        window = self.counts(version, until_ts).minus(self.counts(version, until_ts - self.lookback_s))
+        window = self.reading(version, until_ts).since(self.reading(version, until_ts - self.lookback_s))
         return to_stats(version, window, self.low_confidence)
 
 
@@ -231,53 +282,45 @@ class InProcessSource(MetricSource):
         super().__init__(low_confidence, lookback_s)
         self.registry = registry
         self._lock = threading.Lock()
-        self._history: dict[str, list[tuple[float, Counts]]] = {}
+        self._history: dict[str, list[tuple[float, Reading]]] = {}
 
     def begin(self, version: str, previous: str | None, since_ts: float) -> None:
         """Read both versions now and file the readings under the promotion time ``since_ts``."""
         for v in {version, previous} - {None}:
             self._remember(v, since_ts, self._read(v))
 
-    def _remember(self, version: str, at: float, counts: Counts) -> None:
+    def _remember(self, version: str, at: float, reading: Reading) -> None:
         with self._lock:
             history = self._history.setdefault(version, [])
-            history.append((at, counts))
+            history.append((at, reading))
             history.sort(key=lambda item: item[0])
             del history[:-100]
 
-    def counts(self, version: str, at: float | None = None) -> Counts:
+    def reading(self, version: str, at: float | None = None) -> Reading:
         if at is None:
             return self._read(version)
         with self._lock:
-            earlier = [c for t, c in self._history.get(version, ()) if t <= at]
-        return earlier[-1] if earlier else Counts()  # before the first reading: since the process started
+            earlier = [r for t, r in self._history.get(version, ()) if t <= at]
+        return earlier[-1] if earlier else Reading()  # before the first reading: since the process started
 
-    def _read(self, version: str) -> Counts:
+    def _read(self, version: str) -> Reading:
         samples = [s for metric in self.registry.collect() for s in metric.samples]
-        return Counts(
-            judged=_sum(samples, JUDGED, {"adapter_version": version}),
-            correct=_sum(samples, CORRECT, {"adapter_version": version}),
-            served=_sum(samples, SERVED, {"adapter_version": version}),
-            consumed=_sum(samples, CONSUMED, {}),
-            dead_letters=_sum(samples, DEAD_LETTERS, {"source": DEAD_LETTER_SOURCE}),
-            latency=_buckets(samples, LATENCY + "_bucket", version),
-            confidence=_buckets(samples, CONFIDENCE + "_bucket", version),
-            paired={o: _sum(samples, PAIRED, {"adapter_version": version, "outcome": o}) for o in PAIRED_OUTCOMES},
-        )
+        versioned = {"adapter_version": version}
+        return Reading({
+            "judged": _series(samples, JUDGED, versioned),
+            "correct": _series(samples, CORRECT, versioned),
+            "served": _series(samples, SERVED, versioned),
+            "consumed": _series(samples, CONSUMED, {}),
+            "dead_letters": _series(samples, DEAD_LETTERS, {"source": DEAD_LETTER_SOURCE}),
+            "latency": _series(samples, LATENCY + "_bucket", versioned),
+            "confidence": _series(samples, CONFIDENCE + "_bucket", versioned),
+            "paired": _series(samples, PAIRED, versioned),
+        })
 
 
-def _sum(samples: Iterable[object], name: str, match: Mapping[str, str]) -> float:
-    return float(sum(s.value for s in samples
-                     if s.name == name and all(s.labels.get(k) == v for k, v in match.items())))
-
-
-def _buckets(samples: Iterable[object], name: str, version: str) -> dict[float, float]:
-    out: dict[float, float] = {}
-    for s in samples:
-        if s.name == name and s.labels.get("adapter_version") == version:
-            le = float(s.labels["le"])
-            out[le] = out.get(le, 0.0) + s.value
-    return out
+def _series(samples: Iterable[object], name: str, match: Mapping[str, str]) -> dict[SeriesKey, float]:
+    return {tuple(sorted(s.labels.items())): float(s.value) for s in samples
+            if s.name == name and all(s.labels.get(k) == v for k, v in match.items())}
 
 
 # --- Prometheus ---------------------------------------------------------------------------------
@@ -303,31 +346,30 @@ class PrometheusSource(MetricSource):
         self._http = requests.Session()
 
     def queries(self, version: str) -> dict[str, str]:
-        """The PromQL of every reading, by field of :class:`Counts` (exposed for tests and docs)."""
+        """The PromQL of every reading, by field of :class:`Counts` (exposed for tests and docs).
+
+        Plain selectors, not sums: every series comes back with its labels, so that
+        :meth:`Reading.since` can difference each one and see its resets.
+        """
         v = _promql_string(version)
         extra = f",{self.selector}" if self.selector else ""
         return {
-            "judged": f'sum({JUDGED}{{adapter_version="{v}"{extra}}})',
-            "correct": f'sum({CORRECT}{{adapter_version="{v}"{extra}}})',
-            "served": f'sum({SERVED}{{adapter_version="{v}"{extra}}})',
-            "consumed": f"sum({CONSUMED}{{{self.selector}}})" if self.selector else f"sum({CONSUMED})",
-            "dead_letters": f'sum({DEAD_LETTERS}{{source="{DEAD_LETTER_SOURCE}"{extra}}})',
-            "latency": f'sum by (le) ({LATENCY}_bucket{{adapter_version="{v}"{extra}}})',
-            "confidence": f'sum by (le) ({CONFIDENCE}_bucket{{adapter_version="{v}"{extra}}})',
-            "paired": f'sum by (outcome) ({PAIRED}{{adapter_version="{v}"{extra}}})',
+            "judged": f'{JUDGED}{{adapter_version="{v}"{extra}}}',
+            "correct": f'{CORRECT}{{adapter_version="{v}"{extra}}}',
+            "served": f'{SERVED}{{adapter_version="{v}"{extra}}}',
+            "consumed": f"{CONSUMED}{{{self.selector}}}" if self.selector else CONSUMED,
+            "dead_letters": f'{DEAD_LETTERS}{{source="{DEAD_LETTER_SOURCE}"{extra}}}',
+            "latency": f'{LATENCY}_bucket{{adapter_version="{v}"{extra}}}',
+            "confidence": f'{CONFIDENCE}_bucket{{adapter_version="{v}"{extra}}}',
+            "paired": f'{PAIRED}{{adapter_version="{v}"{extra}}}',
         }
 
-    def counts(self, version: str, at: float | None = None) -> Counts:
-        values: dict[str, object] = {}
+    def reading(self, version: str, at: float | None = None) -> Reading:
+        values: dict[str, dict[SeriesKey, float]] = {}
         for name, promql in self.queries(version).items():
-            result = self.query(promql, at)
-            if name in {"latency", "confidence"}:
-                values[name] = {float(r["metric"]["le"]): _value(r) for r in result}
-            elif name == "paired":
-                values[name] = {str(r["metric"].get("outcome", "")): _value(r) for r in result}
-            else:
-                values[name] = sum(_value(r) for r in result)
-        return Counts(**values)
+            values[name] = {tuple(sorted((k, str(v)) for k, v in r["metric"].items() if k != "__name__")): _value(r)
+                            for r in self.query(promql, at)}
+        return Reading(values)
 
     def query(self, promql: str, at: float | None = None) -> list[dict]:
         """One instant query; the ``result`` list of a vector answer.

@@ -22,7 +22,16 @@ from loraloop.model import load_base
 from loraloop.registry import make_registry
 from loraloop.settings import Settings
 from loraloop.testing import build_constant_adapter, save_tiny_base_model
-from services.guard import KEEP, ROLLBACK, WAIT, build_guard, decide, promotion_of, worse_p_value
+from services.guard import (
+    INSUFFICIENT,
+    KEEP,
+    ROLLBACK,
+    WAIT,
+    build_guard,
+    decide,
+    promotion_of,
+    worse_p_value,
+)
 from services.guard_sources import (
     GUARD_METRICS,
     Counts,
@@ -53,25 +62,28 @@ def _new(**kw: float) -> VersionStats:
     # 5 unlucky events: all wrong, but far below guard_min_judged -> never a rollback
     (_new(judged=5, correct=0, served=5, consumed=5), 10, WAIT, "need_judged"),
     (_new(judged=5, correct=0, served=5, consumed=5), 90, WAIT, "need_judged"),
-    # quiet traffic: keep watching past the window until guard_min_judged arrive, up to guard_max_watch_s
+    # quiet traffic: keep watching past the window until guard_min_judged arrive, up to the limit...
     (_new(judged=5, correct=0, served=5, consumed=5), 180, WAIT, "need_judged"),
-    (_new(judged=5, correct=0, served=5, consumed=5), 600, KEEP, "insufficient_evidence"),
-    # a clear correctness regression rolls back as soon as min judged is reached, window or not
-    (_new(judged=60, correct=20), 5, ROLLBACK, "correctness"),
-    (_new(judged=200, correct=100), 5, ROLLBACK, "correctness"),
+    # ... and then insufficient evidence, not a keep and not a rollback
+    (_new(judged=5, correct=0, served=5, consumed=5), 600, INSUFFICIENT, "insufficient_evidence"),
+    (VersionStats("new"), 600, INSUFFICIENT, "insufficient_evidence"),  # no judged traffic at all
+    # without shadow pairs, the window test is a fixed-sample test: looked at once, at the decision
+    (_new(judged=60, correct=20), 5, WAIT, "window_open"),
+    (_new(judged=60, correct=20), 61, ROLLBACK, "correctness"),
     # as good as before: wait for the window, then keep
     (_new(judged=200, correct=182), 30, WAIT, "window_open"),
     (_new(judged=200, correct=182), 60, KEEP, "no_regression"),
     # a small, not significant dip is kept
     (_new(judged=60, correct=50), 61, KEEP, "no_regression"),
-    # latency, low confidence and dead letters
-    (_new(p99_latency_s=0.2), 5, WAIT, "window_open"),  # latency is judged on the whole window
+    # latency, low confidence and dead letters: judged once, at the decision
+    (_new(p99_latency_s=0.2), 5, WAIT, "window_open"),
     (_new(p99_latency_s=0.2), 60, ROLLBACK, "p99_latency"),
     (_new(p99_latency_s=5.0, served=150, consumed=150), 60, KEEP, "no_regression"),  # too few for a p99
     (_new(p99_latency_s=0.14), 61, KEEP, "no_regression"),
-    (_new(low_confidence_share=0.45), 5, ROLLBACK, "low_confidence"),
+    (_new(low_confidence_share=0.45), 61, ROLLBACK, "low_confidence"),
     (_new(low_confidence_share=0.25), 61, KEEP, "no_regression"),  # +15 points: under the 20 allowed
-    (_new(dead_letters=60), 5, ROLLBACK, "dead_letters"),  # 15 % vs 0.5 %
+    (_new(dead_letters=60), 61, ROLLBACK, "dead_letters"),  # 15 % vs 0.5 %
+    (_new(dead_letters=60, judged=5, correct=5), 600, ROLLBACK, "dead_letters"),  # at the limit too
     (_new(dead_letters=12), 61, KEEP, "no_regression"),  # 3 %: under the 5 points allowed
 ])
 def test_decision_table(new: VersionStats, elapsed: float, action: str, reason: str) -> None:
@@ -96,12 +108,12 @@ def test_tiny_latencies_are_compared_at_the_histogram_floor() -> None:
 
 def test_low_confidence_is_reported_not_judged_for_a_version_that_adds_labels() -> None:
     spread = _new(low_confidence_share=0.45)
-    assert decide(spread, OLD, T, 5).reason == "low_confidence"
+    assert decide(spread, OLD, T, 61).reason == "low_confidence"
     decision = decide(spread, OLD, T, 61, adds_labels=True)
     assert (decision.action, decision.reason) == (KEEP, "no_regression")
     assert decision.evidence["checks"]["low_confidence"]["would_regress"] is True
     worse = _new(judged=200, correct=100, low_confidence_share=0.45)
-    assert decide(worse, OLD, T, 5, adds_labels=True).reason == "correctness"  # the other checks still judge
+    assert decide(worse, OLD, T, 61, adds_labels=True).reason == "correctness"  # the other checks still judge
 
 
 def test_the_guard_reads_from_the_registry_whether_a_promotion_adds_labels(adapters: dict[str, Path],
@@ -264,6 +276,9 @@ def test_guard_rolls_back_a_bad_adapter_and_keeps_a_good_one(adapters: dict[str,
             time.sleep(0.02)
         pointer = registry.active()
         assert pointer.version == versions["v1"] and pointer.reason == "rollback: guard: correctness"
+        while "status" not in registry.show(versions["bad"]).status:  # written right after the event
+            assert time.monotonic() < deadline, "rejection not recorded"
+            time.sleep(0.02)
         status = registry.show(versions["bad"]).status
         assert status["status"] == "rejected" and status["evidence"]["reason"] == "correctness"
         assert status["evidence"]["new"]["judged"] >= 40
@@ -289,8 +304,8 @@ def test_guard_rolls_back_a_bad_adapter_and_keeps_a_good_one(adapters: dict[str,
     assert not runner.is_alive()
 
 
-def test_guard_leaves_a_version_someone_else_replaced(adapters: dict[str, Path], tmp_path: Path) -> None:
-    """The regression is established, but an operator already moved on: no rollback of the new active."""
+def test_a_manual_promote_during_probation_wins_and_is_recorded(adapters: dict[str, Path], tmp_path: Path) -> None:
+    """The regression is established, but an operator promoted by hand first: the guard's rollback is refused."""
     settings = Settings(registry_url=str(tmp_path / "registry"), guard_window_s=1.0, guard_min_judged=40)
     registry = make_registry(settings)
     v1, bad, good = (registry.publish(adapters[n]) for n in ("v1", "bad", "good"))
@@ -299,24 +314,33 @@ def test_guard_leaves_a_version_someone_else_replaced(adapters: dict[str, Path],
     guard = build_guard(settings, registry=registry, metrics=metrics, clock=lambda: now[0])
     registry.promote(v1)
     guard.observe(registry.active())
+    assert guard.watch is None and registry.last_kept() == v1  # the first version: nothing to compare with
     _serve(metrics, v1, 500, 450)
     registry.promote(bad)
     guard.observe(registry.active())
-    assert guard.watch is not None and guard.watch.version == bad
+    assert guard.watch is not None and guard.watch.version == bad and registry.probation_open()
     _serve(metrics, bad, 100, 10)
-    registry.promote(good, reason="operator")  # before the guard's next check
+    registry.promote(good, reason="operator", probation=False)  # what `loraloop adapters promote` does
     active = registry.active()
+    now[0] = guard.watch.since_ts + 5
     decision = guard.check()
-    assert decision.action == ROLLBACK
-    assert registry.active() == active and guard.events[-1].rolled_back is False
-    assert registry.show(bad).status == {}
+    assert decision.action == ROLLBACK  # the guard had its evidence...
+    assert registry.active() == active and guard.events[-1].recorded is False  # ...but the operator won
+    assert guard.events[-1].rolled_back is False and registry.show(bad).status == {}
+    assert metrics.registry.get_sample_value("loraloop_guard_conflicts_total") == 1
+    assert metrics.registry.get_sample_value("loraloop_rollbacks_total", {"reason": "correctness"}) is None
+    ended = registry.last_probation()
+    assert (ended.version, ended.decision, ended.decided_by) == (bad, "manual", "operator")
+    assert registry.last_kept() == good and not registry.probation_open()
+    assert [p["decision"] for p in registry.probations()] == ["manual"]
 
 
-def test_promotion_of_reads_the_pointer_history() -> None:
-    from loraloop.registry import ActivePointer
+def test_promotion_of_reads_the_probation() -> None:
+    from loraloop.registry import ActivePointer, Probation
 
-    assert promotion_of(ActivePointer("v2", 2, ("v1",), "test")) == ("v2", "v1")
-    assert promotion_of(ActivePointer("v1", 3, (), "rollback: guard: correctness")) is None
+    probation = Probation("v2", "v1", "v1", 0.0, 1.0, 10.0, 5, 2).to_dict()
+    assert promotion_of(ActivePointer("v2", 2, ("v1",), "test", probation=probation)) == ("v2", "v1")
+    assert promotion_of(ActivePointer("v2", 2, ("v1",), "test")) is None  # not on probation: nothing to judge
     assert promotion_of(ActivePointer("v1", 1, (), "initial")) is None
 
 

@@ -18,11 +18,12 @@ from loraloop.registry.pointer import (
     PointerStore,
     RedisPointerStore,
 )
+from loraloop.registry.probation import Probation, ProbationTerms
 from loraloop.registry.signing import load_private_key, load_public_key
 from loraloop.registry.store import AdapterRegistry, VersionInfo
 from loraloop.settings import Settings
 
-__all__ = ["ActivePointer", "AdapterRegistry", "PointerStore", "RegistryError", "VersionInfo",
+__all__ = ["ActivePointer", "AdapterRegistry", "PointerStore", "Probation", "ProbationTerms", "RegistryError", "VersionInfo",
            "check_version_name", "make_registry", "mask_url", "pointer_key"]
 
 _memory_pointers: dict[str, MemoryPointerStore] = {}
@@ -66,4 +67,6 @@ def make_registry(settings: Settings, *, redis_client: object | None = None) -> 
                            signing_key=load_private_key(signing) if signing else None,
                            verify_key=load_public_key(settings.registry_verify_key)
                            if settings.registry_verify_key else None,
-                           label_capacity=settings.label_capacity)
+                           label_capacity=settings.label_capacity,
+                           probation=ProbationTerms(settings.guard_window_s, settings.guard_watch_limit_s,
+                                                    settings.guard_min_judged) if settings.guard_probation else None)

@@ -41,6 +41,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     promote.add_argument("version")
     promote.add_argument("--reason", default="manual", help="Why (recorded in the pointer history).")
     promote.add_argument("--json", action="store_true", help="Print the new pointer as JSON.")
+    promote.add_argument("--probation", action="store_true", default=False,
+                         help="Put it on probation for the guard to judge instead of keeping it at once.")
     rollback = command(sub, "rollback", _rollback, "Go back to the previous active version.", _REGISTRY_SETTINGS)
     rollback.add_argument("--to", help="A specific earlier version instead of the previous one.")
     rollback.add_argument("--reason", default="manual", help="Why (recorded in the pointer history).")
@@ -124,7 +126,9 @@ def _keygen(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _promote(args: argparse.Namespace, settings: Settings) -> int:
-    _print_pointer(make_registry(settings).promote(args.version, reason=args.reason), args.json)
+    # An operator's choice: final at once (kept), and it ends a probation in progress as ``manual``.
+    _print_pointer(make_registry(settings).promote(args.version, reason=args.reason, probation=args.probation),
+                   args.json)
     return 0
 
 
@@ -154,6 +158,7 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
     print(f"active:     {state['active'] or '(none)'} "
           f"(generation {state['generation']}, {state['reason'] or 'no change yet'})")
     print(f"history:    {' <- '.join(reversed(state['history'])) or '(empty)'}\nversions:   {state['versions']}")
+    _print_probation(state.get("probation"))
     buffer = state["buffer"]
     if buffer is not None:
         print(f"buffer:     {buffer['error'] if 'error' in buffer else str(buffer['depth']) + ' not acknowledged'}")
@@ -186,3 +191,24 @@ def _serve_status(args: argparse.Namespace, settings: Settings, registry) -> int
         if server is not None:
             server.shutdown()
     return 0
+
+
+def _print_probation(probation: dict | None) -> None:
+    """The probation lines of ``loraloop status`` (see :func:`loraloop.status.probation_status`)."""
+    if not probation:
+        return
+    current = probation.get("current")
+    if current:
+        p_value = current.get("p_value")
+        print(f"probation:  {current['version']} vs {current['baseline']} (last kept {current['last_kept']}): "
+              f"{current.get('pairs', 0):.0f} of {current['needed']} paired judgements, "
+              f"{current['time_left_s']:.0f} s left, {current.get('state') or 'no guard progress yet'}"
+              + (f", p={p_value:.3g}" if isinstance(p_value, int | float) else "")
+              + (f", drop {current['drop']:+.3f}" if isinstance(current.get("drop"), int | float) else ""))
+    last = probation.get("last")
+    if last:
+        print(f"last probation: {last['version']} {last['decision']} ({last.get('reason') or ''}) by "
+              f"{last.get('decided_by') or '?'}")
+    print(f"last kept:  {probation.get('last_kept') or '(none)'}"
+          + (f"; pending {probation['pending']}" if probation.get("pending") else ""))
+

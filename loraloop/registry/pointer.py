@@ -50,6 +50,11 @@ class ActivePointer:
     reason: str = ""
     updated_at: float = 0.0
     sequence: int = 0  # last version number handed out, so ids are never reused
+    # Probation (see loraloop.registry.probation): changed under the same lock and generation.
+    last_kept: str | None = None  # the newest version a guard kept (or an operator chose): where rollbacks go
+    pending: str | None = None  # a published candidate the learner holds until the probation ends
+    probation: dict | None = None  # the open probation (Probation.to_dict())
+    last_probation: dict | None = None  # the newest ended one, with its decision and evidence
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -80,8 +85,22 @@ class ActivePointer:
         if not isinstance(data.get("reason", ""), str) or not isinstance(data.get("updated_at", 0.0), int | float):
             raise ValueError(f"pointer reason/updated_at of the wrong type: {data.get('reason')!r}, "
                              f"{data.get('updated_at')!r}")
+        for name in ("last_kept", "pending"):
+            if data.get(name) is not None and not isinstance(data[name], str):
+                raise ValueError(f"pointer {name} {data[name]!r} is not a version name")
+        for name in ("probation", "last_probation"):
+            if data.get(name) is not None:
+                from loraloop.registry.probation import Probation
+
+                Probation.from_dict(data[name])  # refuses a damaged probation with its reason
         data["history"] = tuple(history)
         return cls(**data)
+
+    def current_probation(self):
+        """The undecided :class:`~loraloop.registry.probation.Probation` (None without one); it may be past its limit."""
+        from loraloop.registry.probation import Probation
+
+        return Probation.from_dict(self.probation) if self.probation else None
 
 
 Mutation = Callable[[ActivePointer], ActivePointer]

@@ -6,7 +6,9 @@ Layout under the root::
                                   signature (when a signing key is set), _COMPLETE
     status/<version>.json         mutable annotations (rejected, with evidence)
     cycles/<time>-<id>.json       one outcome per learner cycle
-    pointer.json                  active version + history (and pointer.json.last-good)
+    pointer.json                  active version + history + probation state (and pointer.json.last-good)
+    probation.json                the guard's progress on the open probation (informational)
+    probations/<time>-<id>.json   one record per ended probation: decision, evidence, who decided
 
 A version folder is immutable once published: it is written under a temporary name
 and renamed (local) or completed by a ``_COMPLETE`` marker written last (object
@@ -30,6 +32,7 @@ import re
 import secrets
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -46,6 +49,16 @@ from loraloop.registry.checks import (
 )
 from loraloop.registry.errors import VERSION_PATTERN, RegistryError, check_version_name
 from loraloop.registry.pointer import HISTORY_LIMIT, ActivePointer, PointerStore, _is_local, write_atomic
+from loraloop.registry.probation import (
+    INSUFFICIENT,
+    KEEP,
+    MANUAL,
+    ROLLBACK,
+    SUPERSEDED,
+    Probation,
+    ProbationTerms,
+    paired_of,
+)
 from loraloop.registry.signing import SIGNATURE_FILE, key_id, sign_manifest, verify_manifest
 
 logger = logging.getLogger(__name__)
@@ -90,11 +103,14 @@ class AdapterRegistry:
         verify_key: versions not signed by it are refused by every check; defaults to the
             signing key's public half, and to no signature check when neither is given.
         label_capacity: the head's slots; a label map longer than this is refused.
+        probation: the terms a promotion over another version is judged on (None: promotions are
+            final at once, nothing is put on probation).
     """
 
     def __init__(self, url: str, pointer: PointerStore, poll_s: float = 0.5, *,
                  signing_key: Ed25519PrivateKey | None = None, verify_key: Ed25519PublicKey | None = None,
-                 label_capacity: int | None = None) -> None:
+                 label_capacity: int | None = None, probation: ProbationTerms | None = None) -> None:
+        self.probation_terms = probation
         self.fs, root = fsspec.core.url_to_fs(url)
         self.root = root.rstrip("/") or "/"
         self.url = url
@@ -125,8 +141,11 @@ class AdapterRegistry:
         return json.loads(self._read_bytes(path, mask_url(self.url)))
 
     # --- publishing ----------------------------------------------------------------------
-    def publish(self, src_dir: str | Path, *, parent: str | None = None, metadata: dict | None = None) -> str:
+    def publish(self, src_dir: str | Path, *, parent: str | None = None, metadata: dict | None = None,
+                pending: bool = False) -> str:
         """Check an adapter folder and copy it in as a new immutable (and signed) version; return its id.
+
+        With ``pending`` the version is also held as the pending candidate (:meth:`hold`).
 
         Raises:
             RegistryError: a required file is missing or is not a regular file, a pickled file is
@@ -154,6 +173,8 @@ class AdapterRegistry:
         self._write_version(version, blobs)
         logger.info("published adapter version %s (parent %s, %s) in %s", version, parent,
                     "signed" if self.signing_key is not None else "unsigned", mask_url(self.url))
+        if pending:
+            self.hold(version)
         return version
 
     def _new_version_id(self) -> str:
@@ -297,30 +318,93 @@ class AdapterRegistry:
     def active(self) -> ActivePointer:
         return self.pointer.read()
 
-    def promote(self, version: str, reason: str = "manual") -> ActivePointer:
-        """Make ``version`` active (after every check of :meth:`verify`); the current one goes on the history."""
+    def promote(self, version: str, reason: str = "manual", *, probation: bool | None = None) -> ActivePointer:
+        """Make ``version`` active (after every check of :meth:`verify`); the current one goes on the history.
+
+        Args:
+            version: the version to serve.
+            reason: why (recorded in the pointer).
+            probation: True or None (the default, when the registry has probation terms) puts a
+                promotion over another version on probation for the guard to judge; False makes it
+                an operator's choice: final at once, kept (``last_kept``), and any probation in
+                progress ends as ``manual``. A promotion on probation ends the one in progress as
+                ``superseded`` (or ``insufficient_evidence`` when its limit passed undecided).
+
+        Raises:
+            RegistryError: the version fails a check, or ``probation=True`` without probation terms.
+        """
+        pointer = self._promote(version, reason, probation, None)
+        assert pointer is not None  # no precondition: never refused
+        return pointer
+
+    def _promote(self, version: str, reason: str, probation: bool | None,
+                 precondition: Callable[[ActivePointer], bool] | None) -> ActivePointer | None:
         self.verify(version)
+        if probation and self.probation_terms is None:
+            raise RegistryError("probation=True but this registry has no probation terms (guard_probation is off)")
+        ended: list[Probation] = []
+        refused: list[bool] = []
 
         def mutate(p: ActivePointer) -> ActivePointer:
+            ended.clear()
+            refused.clear()
+            if precondition is not None and not precondition(p):
+                refused.append(True)
+                return p
             if p.version == version:
                 return p
+            now = time.time()
+            judged = p.version is not None and probation is not False and self.probation_terms is not None
+            current = p.current_probation()
+            last_probation = p.last_probation
+            if current is not None:
+                if probation is False:
+                    done = current.ended(MANUAL, f"operator promoted {version} ({reason})", {}, by=reason, at=now)
+                elif not current.is_open(now):
+                    done = current.ended(INSUFFICIENT, "the probation limit passed without a guard decision",
+                                         {}, by="registry", at=now)
+                else:
+                    done = current.ended(SUPERSEDED, f"{version} promoted before a decision ({reason})", {},
+                                         by=reason, at=now)
+                ended.append(done)
+                last_probation = done.to_dict()
             history = (*p.history, p.version) if p.version else p.history
-            return replace(p, version=version, generation=p.generation + 1, history=history[-HISTORY_LIMIT:],
-                           reason=reason, updated_at=time.time())
+            fields: dict = dict(version=version, generation=p.generation + 1, history=history[-HISTORY_LIMIT:],
+                                reason=reason, updated_at=now, probation=None, last_probation=last_probation,
+                                pending=None if p.pending == version else p.pending)
+            if judged:
+                terms = self.probation_terms
+                fields["probation"] = Probation(
+                    version=version, baseline=p.version, last_kept=p.last_kept or p.version, started_at=now,
+                    window_s=terms.window_s, limit_s=terms.limit_s, needed=terms.needed,
+                    generation=p.generation + 1, carried=_carry(p)).to_dict()
+            else:
+                fields["last_kept"] = version  # the first version, or an operator's choice
+            return replace(p, **fields)
 
         pointer = self.pointer.update(mutate)
-        logger.info("promoted %s (%s) in %s; generation %d", version, reason, mask_url(self.url), pointer.generation)
+        if refused:
+            return None
+        for done in ended:
+            self._log_probation(done)
+        logger.info("promoted %s (%s) in %s; generation %d%s", version, reason, mask_url(self.url),
+                    pointer.generation, " on probation" if pointer.probation else "")
         return pointer
+
     def rollback(self, reason: str = "manual", to: str | None = None) -> ActivePointer:
-        """Go back to the previous active version (or to ``to``).
+        """Go back to the previous active version (or to ``to``); an operator's choice: it becomes ``last_kept``.
+
+        A probation in progress ends as ``manual``. The guard rolls back through :meth:`end_probation`.
 
         Raises:
             RegistryError: no previous version, or ``to`` is unknown or corrupted.
         """
         if to is not None:
             self.verify(to)
+        ended: list[Probation] = []
 
         def mutate(p: ActivePointer) -> ActivePointer:
+            ended.clear()
             history = list(p.history)
             target = to
             if target is None:
@@ -329,16 +413,174 @@ class AdapterRegistry:
                 target = history.pop()
             elif target in history:
                 del history[len(history) - 1 - history[::-1].index(target):]
+            current = p.current_probation()
+            last_probation = p.last_probation
+            if current is not None:
+                done = current.ended(MANUAL, f"rolled back to {target} ({reason})", {}, by=reason)
+                ended.append(done)
+                last_probation = done.to_dict()
             return replace(p, version=target, generation=p.generation + 1, history=tuple(history),
-                           reason=f"rollback: {reason}", updated_at=time.time())
+                           reason=f"rollback: {reason}", updated_at=time.time(), probation=None,
+                           last_probation=last_probation, last_kept=target)
 
         if to is None:
             target = self.active().history[-1:] or [None]
             if target[0] is not None:
                 self.verify(target[0])
         pointer = self.pointer.update(mutate)
+        for done in ended:
+            self._log_probation(done)
         logger.warning("rolled back to %s (%s); generation %d", pointer.version, reason, pointer.generation)
         return pointer
+
+    # --- probation ---------------------------------------------------------------------
+    def probation(self) -> Probation | None:
+        """The probation in progress (undecided; it may be past its limit), or None."""
+        return self.active().current_probation()
+
+    def probation_open(self, now: float | None = None) -> bool:
+        """Whether a version is on probation now (undecided and within its limit): the learner then holds."""
+        current = self.probation()
+        return current is not None and current.is_open(now)
+
+    def last_probation(self) -> Probation | None:
+        """The newest ended probation, with its decision and evidence."""
+        raw = self.active().last_probation
+        return Probation.from_dict(raw) if raw else None
+
+    def last_kept(self) -> str | None:
+        """The newest version a guard kept or an operator chose: where a guard rollback goes."""
+        return self.active().last_kept
+
+    def pending(self) -> str | None:
+        """The candidate held until the probation ends (None: none held)."""
+        return self.active().pending
+
+    def hold(self, version: str) -> ActivePointer:
+        """Hold ``version`` as the pending candidate, replacing (and marking ``superseded``) an older one.
+
+        Raises:
+            RegistryError: ``version`` is unknown.
+        """
+        self.show(version)
+        replaced: list[str] = []
+
+        def mutate(p: ActivePointer) -> ActivePointer:
+            replaced[:] = [p.pending] if p.pending and p.pending != version else []
+            return p if p.pending == version else replace(p, pending=version, generation=p.generation + 1)
+
+        pointer = self.pointer.update(mutate)
+        for old in replaced:
+            try:
+                self.set_status(old, "superseded", {"by": version, "reason": "a newer candidate was held"})
+            except RegistryError as e:
+                logger.warning("pending %s replaced by %s but not annotated: %s", old, version, e)
+        logger.info("holding %s as the pending candidate%s", version, f" (replaces {replaced[0]})" if replaced else "")
+        return pointer
+
+    def promote_pending(self, reason: str) -> ActivePointer | None:
+        """Promote the pending candidate (on probation) if no probation is open; None when one is or nothing is held.
+
+        The check and the promotion happen in one pointer update: a probation that started
+        meanwhile (another learner) wins and nothing is promoted.
+        """
+        candidate = self.pending()
+        if candidate is None or self.probation_open():
+            return None
+        return self._promote(candidate, reason, None,
+                             lambda p: p.pending == candidate and not (p.current_probation() and
+                                                                       p.current_probation().is_open()))
+
+    def end_probation(self, version: str, decision: str, evidence: dict, *, generation: int, reason: str = "",
+                      by: str = "guard") -> ActivePointer | None:
+        """End ``version``'s probation with a guard decision; the single writer's compare-and-set.
+
+        Args:
+            version: the version judged.
+            decision: ``keep`` (it becomes ``last_kept``), ``rollback`` (the pointer goes back to
+                the probation's ``last_kept``) or ``insufficient_evidence`` (it stays, not kept).
+            evidence: what the decision rests on (stored in the pointer and the probation log;
+                ``evidence["paired"]`` carries into the next probation when not kept).
+            generation: the probation's ``generation``: the update is refused if the probation
+                in progress is not the one that started at that generation.
+            reason: the check that decided (``correctness``...) or ``no_regression``.
+            by: who decided (a guard's name).
+
+        Returns:
+            The new pointer, or None when the probation was already ended or replaced (another
+            guard decided, or a promotion happened): nothing changed.
+
+        Raises:
+            RegistryError: ``decision`` is not a guard decision, or the rollback target is corrupted.
+        """
+        if decision not in (KEEP, ROLLBACK, INSUFFICIENT):
+            raise RegistryError(f"end_probation: {decision!r} is not one of keep, rollback, insufficient_evidence")
+        target_check = self.probation()
+        if decision == ROLLBACK and target_check is not None and target_check.version == version:
+            self.verify(target_check.last_kept or target_check.baseline)
+        ended: list[Probation] = []
+
+        def mutate(p: ActivePointer) -> ActivePointer:
+            ended.clear()
+            current = p.current_probation()
+            if current is None or current.version != version or current.generation != generation \
+                    or p.version != version:
+                return p
+            done = current.ended(decision, reason, evidence, by=by)
+            ended.append(done)
+            fields: dict = dict(probation=None, last_probation=done.to_dict(), generation=p.generation + 1)
+            if decision == KEEP:
+                fields["last_kept"] = version
+            elif decision == ROLLBACK:
+                target = current.last_kept or current.baseline
+                history = list(p.history)
+                if target in history:
+                    del history[len(history) - 1 - history[::-1].index(target):]
+                fields.update(version=target, history=tuple(history), reason=f"rollback: guard: {reason}",
+                              updated_at=done.decided_at, last_kept=target)
+            return replace(p, **fields)
+
+        pointer = self.pointer.update(mutate)
+        if not ended:
+            return None
+        self._log_probation(ended[0])
+        logger.log(logging.WARNING if decision == ROLLBACK else logging.INFO, "probation of %s ended: %s (%s) by %s; "
+                   "active %s, generation %d", version, decision, reason, by, pointer.version, pointer.generation)
+        return pointer
+
+    def record_progress(self, version: str, progress: dict) -> None:
+        """The guard's progress on ``version``'s probation (``probation.json``; informational, last writer wins)."""
+        record = {"version": version, "at": time.time(), **progress}
+        write_atomic(self.fs, f"{self.root}/probation.json", json.dumps(record, default=str).encode())
+
+    def progress(self) -> dict | None:
+        """The guard's last progress record for the probation in progress (None: none, or for another version)."""
+        current = self.probation()
+        path = f"{self.root}/probation.json"
+        if current is None or not self.fs.exists(path):
+            return None
+        try:
+            record = self._read_json(path)
+        except ValueError as e:
+            logger.warning("unreadable probation progress %s: %s", path, e)
+            return None
+        return record if isinstance(record, dict) and record.get("version") == current.version else None
+
+    def probations(self) -> list[dict]:
+        """Every ended probation, oldest first (decision, evidence, who decided, when)."""
+        folder = f"{self.root}/probations"
+        if not self.fs.exists(folder):
+            return []
+        paths = sorted(p for p in self.fs.ls(folder, detail=False) if p.endswith(".json"))
+        return [self._read_json(p) for p in paths]
+
+    def _log_probation(self, done: Probation) -> None:
+        try:
+            self.fs.makedirs(f"{self.root}/probations", exist_ok=True)
+            name = f"{time.time_ns():020d}-{secrets.token_hex(3)}.json"
+            write_atomic(self.fs, f"{self.root}/probations/{name}", json.dumps(done.to_dict(), default=str).encode())
+        except Exception as e:  # the decision stands in pointer.json; the log is best effort
+            logger.error("probation of %s ended (%s) but not logged: %s", done.version, done.decision, e)
 
     def wait_for_change(self, generation: int, timeout: float) -> ActivePointer:
         return self.pointer.wait_for_change(generation, timeout, self.poll_s)
@@ -365,6 +607,21 @@ class AdapterRegistry:
             return []
         paths = sorted(p for p in self.fs.ls(folder, detail=False) if p.endswith(".json"))
         return [self._read_json(p) for p in paths]
+
+
+def _carry(p: ActivePointer) -> dict:
+    """Paired evidence a new probation inherits: the active version's, when its own probation ended unkept.
+
+    A chain of versions that were never kept (``insufficient_evidence``) is judged as one
+    against the last kept version: its discordant pairs add up, so small steps down compound
+    into evidence instead of into an unnoticed slide.
+    """
+    last = Probation.from_dict(p.last_probation) if p.last_probation else None
+    if last is None or last.version != p.version or last.decision != INSUFFICIENT:
+        return {}
+    before, own = last.carried_pairs(), paired_of(last.evidence)
+    return {"pairs": before["pairs"] + own["pairs"], "new_only": before["new_only"] + own["new_only"],
+            "old_only": before["old_only"] + own["old_only"], "versions": [*before["versions"], last.version]}
 
 
 def _read(fs: fsspec.AbstractFileSystem, path: str) -> bytes:

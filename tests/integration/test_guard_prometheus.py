@@ -154,10 +154,13 @@ def test_guard_through_promql_rolls_back_a_bad_adapter_and_keeps_a_good_one(prom
         status = registry.show(bad).status
         assert status["status"] == "rejected"
         evidence = status["evidence"]
-        assert evidence["reason"] == "correctness" and evidence["new"]["judged"] >= settings.guard_min_judged
+        correctness = evidence["checks"]["correctness"]
+        # the sequential test on the shadow-scored pairs decides as soon as it rejects, before min_judged
+        assert evidence["reason"] == "correctness" and correctness["sequential"] and correctness["old_only"] >= 9
         assert evidence["new"]["correct"] / evidence["new"]["judged"] < 0.3
         assert evidence["old"]["correct"] / evidence["old"]["judged"] > 0.8
-        assert evidence["checks"]["correctness"]["p_value"] < settings.guard_alpha
+        assert correctness["p_value"] < correctness["alpha"] <= settings.guard_alpha
+        assert registry.last_probation().decision == "rollback" and registry.last_kept() == v1
         assert guard_metrics.registry.get_sample_value("loraloop_rollbacks_total", {"reason": "correctness"}) == 1
         # A clear drop needs min_judged at 60 req/s plus a scrape or two: well within the window.
         assert rolled_back_after < settings.guard_window_s + SCRAPE_S, rolled_back_after
@@ -168,7 +171,8 @@ def test_guard_through_promql_rolls_back_a_bad_adapter_and_keeps_a_good_one(prom
               "a decision on the good adapter")
         decision = next(e for e in guard.events if e.version == good)
         assert (decision.action, decision.reason) == (KEEP, "no_regression"), decision.evidence
-        assert decision.evidence["new"]["judged"] >= settings.guard_min_judged
+        assert decision.evidence["new"]["paired_judged"] >= settings.guard_min_judged
+        assert registry.last_kept() == good
         assert all(c["tested"] for c in decision.evidence["checks"].values()), decision.evidence["checks"]
         assert registry.active().version == good and registry.show(good).status == {}
     finally:
