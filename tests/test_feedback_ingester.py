@@ -396,16 +396,20 @@ def test_client_round_trip(stack: Stack) -> None:
     assert len({e.event_id for e in sent}) == 3
 
 
-def test_cli_send(stack: Stack) -> None:
+def test_cli_send(stack: Stack, monkeypatch) -> None:
     stack.serve("r1")
+    args = ["feedback", "send", "--request-id", "r1", "--kind", "label", "--label", "billing",
+            "--feedback-topic", stack.settings.feedback_topic, "--source", "agent-7"]
+    assert main(args) == 2  # the in-memory transport: no other process could read the event
     out = io.StringIO()
+    # The command on a broker transport; here the shared in-process broker stands for it.
+    monkeypatch.setattr("feedback.client.make_transport", lambda settings: MemoryTransport.shared())
     with redirect_stdout(out):
-        rc = main(["feedback", "send", "--request-id", "r1", "--kind", "label", "--label", "billing",
-                   "--feedback-topic", stack.settings.feedback_topic])
+        rc = main([*args, "--transport", "kafka"])
     assert rc == 0
     event = FeedbackEvent.model_validate_json(out.getvalue())
-    assert (event.request_id, event.kind, event.label) == ("r1", "label", "billing")
-    assert main(["feedback", "send", "--request-id", "r1", "--kind", "label"]) == 2  # no --label
+    assert (event.request_id, event.kind, event.label, event.source) == ("r1", "label", "billing", "agent-7")
+    assert main(["feedback", "send", "--request-id", "r1", "--kind", "label", "--transport", "kafka"]) == 2
     shared = build_ingester(stack.settings, transport=MemoryTransport.shared(), request_log=stack.log,
                             buffer=stack.buffer, metrics=stack.metrics)
     with shared:

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.integration
 def test_sigkill_during_training_loses_nothing(redis_url: str, tmp_path: Path) -> None:
     base_dir = save_tiny_base_model(tmp_path / "base")
     settings = Settings(base_model=str(base_dir), registry_url=str(tmp_path / "registry"), redis_url=redis_url,
-                        label_capacity=8, claim_idle_s=2.0, epochs=500)  # epochs: training lasts long enough to kill
+                        label_capacity=8, claim_idle_s=2.0, epochs=3000)  # epochs: training lasts long enough to kill
     registry = make_registry(settings)
     first = registry.publish(build_constant_adapter(settings, ["a", "b"], "a", tmp_path / "adapter"))
     registry.promote(first)
@@ -33,7 +33,7 @@ def test_sigkill_during_training_loses_nothing(redis_url: str, tmp_path: Path) -
                               served_label="a", adapter_version=first))
     env = {k: v for k, v in os.environ.items() if not k.startswith("LORALOOP_")}
     env.update({"LORALOOP_BASE_MODEL": str(base_dir), "LORALOOP_REGISTRY_URL": settings.registry_url,
-                "LORALOOP_REDIS_URL": redis_url, "LORALOOP_LABEL_CAPACITY": "8", "LORALOOP_EPOCHS": "500",
+                "LORALOOP_REDIS_URL": redis_url, "LORALOOP_LABEL_CAPACITY": "8", "LORALOOP_EPOCHS": "3000",
                 "LORALOOP_CLAIM_IDLE_S": "2", "LORALOOP_TORCH_THREADS": "1"})
     log = open(tmp_path / "learner.log", "w")  # noqa: SIM115
     learner = subprocess.Popen([sys.executable, "-m", "loraloop.cli", "learner", "--once"], env=env,
@@ -43,7 +43,7 @@ def test_sigkill_during_training_loses_nothing(redis_url: str, tmp_path: Path) -
         while buffer.pending() > 0:  # claimed: the cycle has started
             assert learner.poll() is None and time.monotonic() < deadline, (tmp_path / "learner.log").read_text()
             time.sleep(0.1)
-        time.sleep(3)  # well into training (500 epochs)
+        time.sleep(1)  # into training (3000 epochs)
         assert learner.poll() is None, "the cycle ended before it could be killed"
         os.kill(learner.pid, signal.SIGKILL)
         learner.wait(timeout=10)
